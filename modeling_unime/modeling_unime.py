@@ -1,0 +1,170 @@
+"""UniME: a multimodal LLM backbone used as a universal embedding model (Gu et al., 2025)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_unime import UniMEConfig
+from .encoding import EncodeMixin
+from .prompts import family_for_model_type
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class UniMEModelOutput(ModelOutput):
+    """
+    Args:
+        embeddings (`torch.FloatTensor` of shape `[batch_size, hidden_size]`):
+            Final hidden state of each sequence's last real token, L2-normalised when `config.normalize`.
+        last_hidden_state (`torch.FloatTensor` of shape `[batch_size, sequence_length, hidden_size]`, *optional*):
+            The backbone's final hidden states; returned only with `output_last_hidden_state=True`.
+    """
+
+    embeddings: torch.FloatTensor = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def last_token_positions(attention_mask):
+    """Index of the last non-padding token of each row, for left or right padding.
+
+    Args:
+        attention_mask (`torch.Tensor` of shape `[batch_size, sequence_length]`): 1 for real tokens.
+
+    Returns:
+        `torch.LongTensor` of shape `[batch_size]`.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch_size, sequence_length], got {tuple(attention_mask.shape)}")
+    flipped_first_real = attention_mask.flip(dims=[1]).to(torch.long).argmax(dim=1)
+    return attention_mask.shape[1] - 1 - flipped_first_real
+
+
+def pool_last_token(hidden_states, attention_mask):
+    """`[batch_size, sequence_length, hidden_size]` -> `[batch_size, hidden_size]` at each row's last real token."""
+    positions = last_token_positions(attention_mask)
+    rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    return hidden_states[rows, positions.to(hidden_states.device)]
+
+
+class UniMEPreTrainedModel(PreTrainedModel):
+    config_class = UniMEConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = "past_key_values"
+
+    def _init_weights(self, module):
+        # The backbone knows how its own modules are initialised; the wrapper adds no parameters.
+        backbone = self.__dict__.get("_modules", {}).get("backbone")
+        if backbone is not None and module is not self:
+            backbone._init_weights(module)
+
+
+class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
+    r"""
+    A multimodal LLM's base model (no LM head) that returns one L2-normalised embedding per input:
+    the final hidden state of the last real token, which is the end of UniME's prompt template.
+
+    Build it from a backbone checkpoint with [`UniMEModel.from_backbone`], from a saved UniME
+    checkpoint with `from_pretrained`, or from a config (random weights). Inputs come from
+    [`UniMEProcessor`]; `encode`, `encode_text`, `encode_image` and `similarity` wrap batching.
+    """
+
+    def __init__(self, config, backbone=None):
+        super().__init__(config)
+        if config.backbone_config is None:
+            raise ValueError("UniMEConfig.backbone_config is required to build a UniMEModel")
+        family_for_model_type(config.backbone_config.model_type)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def forward(self, input_ids=None, attention_mask=None, output_last_hidden_state=False, **backbone_inputs):
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `[batch_size, sequence_length]`): from [`UniMEProcessor`].
+            attention_mask (`torch.LongTensor` of shape `[batch_size, sequence_length]`): 1 for real tokens;
+                left or right padding give the same embeddings.
+            output_last_hidden_state (`bool`): also return the backbone's final hidden states.
+            **backbone_inputs: image inputs of the backbone (`pixel_values`, `image_grid_thw`,
+                `image_sizes`, `mm_token_type_ids`, ...), passed through unchanged.
+
+        Returns:
+            [`UniMEModelOutput`] with `embeddings` `[batch_size, hidden_size]`.
+        """
+        if input_ids is None and backbone_inputs.get("inputs_embeds") is None:
+            raise ValueError("UniMEModel.forward needs input_ids (or inputs_embeds)")
+        if attention_mask is None:
+            reference = input_ids if input_ids is not None else backbone_inputs["inputs_embeds"][..., 0]
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        backbone_inputs.setdefault("use_cache", False)
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
+        hidden_states = outputs.last_hidden_state
+        embeddings = pool_last_token(hidden_states, attention_mask)
+        if self.config.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        return UniMEModelOutput(
+            embeddings=embeddings,
+            last_hidden_state=hidden_states if output_last_hidden_state else None,
+        )
+
+    @classmethod
+    def from_backbone(cls, path_or_id, prompt_templates=None, **from_pretrained_kwargs):
+        """Wrap a `*ForConditionalGeneration` checkpoint (as released UniME checkpoints are stored).
+
+        The checkpoint is loaded with `AutoModelForImageTextToText` (which knows every legacy weight
+        layout), its LM head is dropped and its base model becomes the backbone. Any backbone weight
+        missing from the checkpoint raises `ValueError` instead of staying randomly initialised.
+
+        Args:
+            path_or_id (`str`): local directory or Hub id of the backbone checkpoint.
+            prompt_templates (`dict`, *optional*): templates to record in the config; read from the
+                checkpoint's processor files when omitted.
+            **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `attn_implementation`,
+                `device_map`, `revision`, ...).
+        """
+        hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in from_pretrained_kwargs}
+        backbone_config = AutoConfig.from_pretrained(path_or_id, **hub_kwargs)
+        family_for_model_type(backbone_config.model_type)
+        generation_model, loading_info = AutoModelForImageTextToText.from_pretrained(
+            path_or_id, output_loading_info=True, **from_pretrained_kwargs
+        )
+        missing = [key for key in loading_info["missing_keys"] if not key.startswith("lm_head")]
+        if missing:
+            raise ValueError(
+                f"{path_or_id!r} is missing {len(missing)} backbone weights (e.g. {missing[:5]}); refusing to "
+                "leave them randomly initialised."
+            )
+        backbone = generation_model.model
+        del generation_model
+        if prompt_templates is None:
+            prompt_templates = _templates_from_checkpoint(path_or_id, hub_kwargs)
+        config = UniMEConfig(backbone_config=backbone.config, prompt_templates=prompt_templates)
+        config._name_or_path = str(path_or_id)
+        config._attn_implementation_internal = backbone.config._attn_implementation
+        model = cls(config, backbone=backbone)
+        return model.to(backbone.dtype).eval()
+
+
+def _templates_from_checkpoint(path_or_id, hub_kwargs):
+    from .processing_unime import UniMEProcessor
+
+    try:
+        return UniMEProcessor.from_backbone(path_or_id, **hub_kwargs).prompt_templates
+    except (OSError, ValueError, TypeError) as error:
+        logger.warning(f"Could not read processor files from {path_or_id!r} ({error}); prompt_templates left unset.")
+        return None

@@ -1,0 +1,218 @@
+"""UniMEProcessor: the backbone's processor plus UniME's prompt templates."""
+
+import json
+
+import transformers
+from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
+from transformers.utils import cached_file
+
+from .inputs import check_text, load_image
+from .prompts import (
+    CHAT_TEMPLATE_FAMILIES,
+    default_prompt_templates,
+    family_for_model_type,
+    format_instruction_prompt,
+    format_summary_prompt,
+)
+
+BACKBONE_PROCESSOR_CLASSES = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "llava": "LlavaProcessor",
+    "llava_next": "LlavaNextProcessor",
+    "llava_onevision": "LlavaOnevisionProcessor",
+}
+
+# Init arguments of the backbone processors that change how many image tokens are inserted.
+BACKBONE_PROCESSOR_KWARGS = (
+    "patch_size",
+    "vision_feature_select_strategy",
+    "num_additional_image_tokens",
+    "num_image_tokens",
+    "vision_aspect_ratio",
+    "image_token",
+)
+
+PROMPT_STYLES = ("summary", "instruction")
+
+
+def _backbone_processor_class(family):
+    """The backbone's processor class, minus its video processor.
+
+    Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors require a video processor, which needs
+    torchvision; embeddings never use video, so a subclass whose `__init__` has no `video_processor`
+    argument lets them construct without it (ProcessorMixin reads its sub-processors off `__init__`).
+    """
+    base = getattr(transformers, BACKBONE_PROCESSOR_CLASSES[family])
+
+    class ImageOnlyProcessor(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            kwargs.pop("video_processor", None)
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+    ImageOnlyProcessor.__name__ = f"ImageOnly{base.__name__}"
+    return ImageOnlyProcessor
+
+
+def _read_optional_json(path_or_id, filename, **hub_kwargs):
+    resolved = cached_file(
+        path_or_id,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if resolved is None:
+        return {}
+    with open(resolved, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _read_chat_template(path_or_id, tokenizer, **hub_kwargs):
+    resolved = cached_file(
+        path_or_id,
+        "chat_template.jinja",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if resolved is not None:
+        with open(resolved, encoding="utf-8") as handle:
+            return handle.read()
+    template = _read_optional_json(path_or_id, "chat_template.json", **hub_kwargs).get("chat_template")
+    return template or getattr(tokenizer, "chat_template", None)
+
+
+class UniMEProcessor(ProcessorMixin):
+    r"""
+    Formats text, images and image+text items with UniME's prompt templates and runs the backbone's
+    own processor on them (tokenisation, image tiling, image-token expansion).
+
+    Args:
+        image_processor: the backbone's image processor (a `...ImageProcessorPil` works without torchvision).
+        tokenizer: the backbone's tokenizer. Padding is on the left, as in the released evaluation code.
+        backbone_family (`str`): `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next` or `llava_onevision`.
+        prompt_templates (`dict[str, str]`, *optional*): `text`/`image`/`fused` templates and
+            `image_token`; built from the family's defaults (and `chat_template`) when omitted.
+        backbone_processor_kwargs (`dict`, *optional*): extra init arguments of the backbone processor
+            (e.g. LLaVA's `patch_size`, `vision_feature_select_strategy`).
+        chat_template (`str`, *optional*): the backbone's chat template (needed by chat-template families).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        backbone_family=None,
+        prompt_templates=None,
+        backbone_processor_kwargs=None,
+        chat_template=None,
+        **kwargs,
+    ):
+        if backbone_family not in BACKBONE_PROCESSOR_CLASSES:
+            raise ValueError(
+                f"backbone_family={backbone_family!r} is not supported; expected one of "
+                f"{sorted(BACKBONE_PROCESSOR_CLASSES)}."
+            )
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        self.tokenizer.padding_side = "left"
+        self.backbone_family = backbone_family
+        self.backbone_processor_kwargs = dict(backbone_processor_kwargs or {})
+        if prompt_templates is None:
+            render = self._render_chat if backbone_family in CHAT_TEMPLATE_FAMILIES else None
+            prompt_templates = default_prompt_templates(backbone_family, render)
+        self.prompt_templates = dict(prompt_templates)
+
+    @classmethod
+    def from_backbone(cls, path_or_id, prompt_templates=None, **hub_kwargs):
+        """Build a UniME processor from a backbone checkpoint (local dir or Hub id).
+
+        Loads the backbone's tokenizer, image processor, chat template and processor settings; the
+        backbone's video processor is never loaded.
+        """
+        backbone_config = transformers.AutoConfig.from_pretrained(path_or_id, **hub_kwargs)
+        family = family_for_model_type(backbone_config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **hub_kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(path_or_id, **hub_kwargs)
+        processor_config = _read_optional_json(path_or_id, "processor_config.json", **hub_kwargs)
+        backbone_kwargs = {k: processor_config[k] for k in BACKBONE_PROCESSOR_KWARGS if k in processor_config}
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            backbone_family=family,
+            prompt_templates=prompt_templates,
+            backbone_processor_kwargs=backbone_kwargs,
+            chat_template=_read_chat_template(path_or_id, tokenizer, **hub_kwargs),
+        )
+
+    def backbone_processor(self):
+        """A fresh backbone processor (without video support) sharing this processor's components."""
+        processor_class = _backbone_processor_class(self.backbone_family)
+        return processor_class(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            chat_template=self.chat_template,
+            **self.backbone_processor_kwargs,
+        )
+
+    def _render_chat(self, messages):
+        if not self.chat_template:
+            raise ValueError(f"backbone family {self.backbone_family!r} needs a chat_template to build its prompts")
+        return self.backbone_processor().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def format_prompt(self, text=None, has_image=False, prompt_style="summary", instruction=None):
+        """The prompt string for one item (before image-token expansion)."""
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style={prompt_style!r}; expected one of {PROMPT_STYLES}")
+        if instruction is not None or prompt_style == "instruction":
+            return format_instruction_prompt(self.prompt_templates, text, has_image, instruction)
+        return format_summary_prompt(self.prompt_templates, text, has_image)
+
+    def __call__(self, text=None, images=None, prompt_style="summary", instruction=None, **kwargs):
+        """Format and process a batch.
+
+        Args:
+            text (`str` or `list[str | None]`, *optional*): texts; `None` entries are image-only items.
+            images (`PIL.Image` or `list[PIL.Image | None]`, *optional*): images; with `text`, item `i`
+                pairs `text[i]` and `images[i]` (fused when both are set).
+            prompt_style (`str`): `"summary"` (UniME's templates) or `"instruction"` (raw MMEB text,
+                `<|image_1|>` rewritten to the image token).
+            instruction (`str`, *optional*): an instruction put before every item's text
+                (implies instruction style).
+            **kwargs: passed to the backbone processor (e.g. `padding_side`, `return_tensors`).
+
+        Returns:
+            `BatchFeature` with `input_ids`/`attention_mask` `[batch_size, sequence_length]` and the
+            backbone's image inputs (`pixel_values`, `image_grid_thw` or `image_sizes`, ...).
+        """
+        texts, image_list = self._pair_items(text, images)
+        prompts = [
+            self.format_prompt(item_text, item_image is not None, prompt_style, instruction)
+            for item_text, item_image in zip(texts, image_list)
+        ]
+        present_images = [image for image in image_list if image is not None]
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("return_tensors", "pt")
+        return self.backbone_processor()(text=prompts, images=present_images or None, **kwargs)
+
+    @staticmethod
+    def _pair_items(text, images):
+        if text is None and images is None:
+            raise ValueError("UniMEProcessor needs `text`, `images` or both")
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        image_list = None if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
+        if texts is None:
+            texts = [None] * len(image_list)
+        if image_list is None:
+            image_list = [None] * len(texts)
+        if len(texts) != len(image_list):
+            raise ValueError(f"got {len(texts)} texts and {len(image_list)} images; they pair up item by item")
+        if not texts:
+            raise ValueError("UniMEProcessor got an empty batch")
+        for index, (item_text, item_image) in enumerate(zip(texts, image_list)):
+            if item_text is None and item_image is None:
+                raise ValueError(f"item {index} has neither text nor image")
+            if item_text is not None:
+                check_text(item_text, f"text[{index}]")
+        image_list = [None if image is None else load_image(image, f"images[{index}]") for index, image in enumerate(image_list)]
+        return texts, image_list
