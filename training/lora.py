@@ -1,0 +1,138 @@
+"""LoRA on a UniME model (peft) and saving the merged model as a standalone UniME checkpoint."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+# Linear layers of the Qwen2 / Llama / Mistral decoder blocks every supported backbone uses.
+LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_SCOPES = ("language_model", "all")
+
+
+def lora_target_regex(target_modules=LANGUAGE_MODEL_LINEAR_LAYERS, scope="language_model"):
+    """peft `target_modules` regex: the named linear layers, inside the language model only by default.
+
+    `scope="all"` also adapts same-named layers elsewhere (e.g. the CLIP/SigLIP tower of LLaVA),
+    the paper's stage-2 "all parameters within the MLLM" reading.
+    """
+    if scope not in LORA_SCOPES:
+        raise ValueError(f"lora scope {scope!r}; expected one of {LORA_SCOPES}")
+    names = "|".join(target_modules)
+    prefix = r".*\.language_model\..*" if scope == "language_model" else r".*"
+    return rf"{prefix}\.({names})"
+
+
+def add_lora(model, rank=16, alpha=None, dropout=0.05, target_modules=LANGUAGE_MODEL_LINEAR_LAYERS,
+             scope="language_model"):
+    """Wrap `model` (a [`UniMEModel`]) with LoRA adapters; every other weight is frozen.
+
+    Args:
+        rank (`int`): LoRA rank (paper: 32 in stage 1, 16 in stage 2).
+        alpha (`int`, *optional*): LoRA alpha; defaults to `2 * rank`.
+        dropout (`float`): LoRA dropout.
+        target_modules (`tuple[str]`): linear-layer names to adapt.
+        scope (`str`): `"language_model"` or `"all"`.
+
+    Returns:
+        `peft.PeftModel` whose `base_model.model` is the UniME model.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("model already has LoRA adapters; merge them first (merge_lora) before adding new ones")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=lora_target_regex(target_modules, scope),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """Return the plain UniME model with LoRA weights merged in (a no-op for a model without LoRA)."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def unwrap_unime(model):
+    """The [`UniMEModel`] inside a PeftModel / DDP / compiled wrapper."""
+    while True:
+        if isinstance(model, PeftModel):
+            model = model.base_model.model
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_atomically(write, output_dir):
+    """Call `write(tmp_dir)` and move the result to `output_dir` only once it is complete.
+
+    A crash mid-write leaves the previous `output_dir` (if any) untouched and no half-written
+    directory under its name.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        write(staging)
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, backup)
+            os.replace(staging, output_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def merged_state_dict(peft_model):
+    """State dict of the UniME model with LoRA folded in, under the plain UniME key names.
+
+    Call between `peft_model.merge_adapter()` and `unmerge_adapter()`: base-layer weights then hold
+    W + BA, and the adapter tensors are dropped. No copy of the model is made.
+    """
+    prefix = "base_model.model."
+    merged = {}
+    for key, tensor in peft_model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        merged[key.replace(".base_layer.", ".")] = tensor.detach()
+    return merged
+
+
+def save_merged_model(model, processor, output_dir, safe_serialization=True):
+    """Save `model` (UniME, optionally LoRA-wrapped) as a standalone UniME checkpoint with its processor.
+
+    LoRA adapters are merged for the save and unmerged afterwards, so training can continue. The
+    directory appears only once complete (see `save_atomically`) and loads with
+    `AutoModel.from_pretrained(output_dir, trust_remote_code=True)`.
+    """
+    unime = unwrap_unime(model)
+    peft_model = model if isinstance(model, PeftModel) else None
+
+    def write(directory):
+        if peft_model is None:
+            unime.save_pretrained(directory, safe_serialization=safe_serialization)
+        else:
+            peft_model.merge_adapter()
+            try:
+                state_dict = merged_state_dict(peft_model)
+                unime.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
+            finally:
+                peft_model.unmerge_adapter()
+        if processor is not None:
+            processor.save_pretrained(directory)
+
+    return save_atomically(write, output_dir)

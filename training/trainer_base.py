@@ -1,0 +1,100 @@
+"""What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves."""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .lora import LANGUAGE_MODEL_LINEAR_LAYERS, add_lora, save_merged_model, unwrap_unime
+
+
+@dataclass
+class UniMETrainingConfig(TrainingArguments):
+    """`TrainingArguments` plus the LoRA and saving settings of both UniME stages."""
+
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank; 0 trains the model as given (no new adapters)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LANGUAGE_MODEL_LINEAR_LAYERS),
+        metadata={"help": "Names of the linear layers that get LoRA adapters."},
+    )
+    lora_scope: str = field(
+        default="language_model",
+        metadata={"help": "'language_model' (adapt the LLM only) or 'all' (same-named layers everywhere)."},
+    )
+    save_merged_model: bool = field(
+        default=True,
+        metadata={"help": "At the end of training, also save the LoRA-merged model as a full UniME checkpoint "
+                          "in `<output_dir>/merged` (loads with AutoModel + trust_remote_code)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the UniME collators need the raw text/image columns."}
+    )
+
+
+class UniMETrainerBase(Trainer):
+    """`Trainer` with LoRA setup, per-step loss statistics in the logs and a merged-model save.
+
+    Subclasses implement `compute_loss` and call `self.record_stats(dict)` with floats to log; the
+    means since the last logging step are added to the Trainer's logs (and so to every `report_to`).
+    """
+
+    def __init__(self, model=None, args=None, processor=None, **kwargs):
+        if processor is None:
+            raise ValueError("UniME trainers need the model's UniMEProcessor (processor=...)")
+        if args.lora_rank and args.lora_rank > 0:
+            model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             target_modules=tuple(args.lora_target_modules), scope=args.lora_scope)
+        super().__init__(model=model, args=args, processing_class=processor, **kwargs)
+        self.processor = processor
+        self._stats_sums = defaultdict(float)
+        self._stats_counts = defaultdict(int)
+
+    def record_stats(self, stats):
+        """Accumulate scalar statistics (e.g. mean positive similarity) until the next log."""
+        for key, value in stats.items():
+            value = float(value)
+            if value == value:  # skip NaN (e.g. no negatives in a batch)
+                self._stats_sums[key] += value
+                self._stats_counts[key] += 1
+
+    def log(self, logs, start_time=None):
+        if self._stats_counts and "loss" in logs:
+            for key, total in self._stats_sums.items():
+                logs[key] = round(total / self._stats_counts[key], 6)
+            self._stats_sums.clear()
+            self._stats_counts.clear()
+        super().log(logs, start_time)
+
+    def unime_model(self):
+        """The underlying [`UniMEModel`] (LoRA weights not merged)."""
+        return unwrap_unime(self.model)
+
+    def save_merged(self, output_dir=None):
+        """Save the LoRA-merged model + processor as a standalone UniME checkpoint (atomic).
+
+        The trainer's model keeps its adapters (they are merged for the save and unmerged after), so
+        training can continue.
+        """
+        output_dir = output_dir or f"{self.args.output_dir}/merged"
+        if not self.is_world_process_zero():
+            return output_dir
+        save_merged_model(self.accelerator.unwrap_model(self.model), self.processor, output_dir)
+        return output_dir
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.save_merged_model:
+            self.save_merged()
+        return output
+
+
+def embeddings_of(model, inputs):
+    """Run a UniME model (possibly LoRA/DDP-wrapped) on processor outputs -> `[batch_size, hidden_size]`."""
+    return model(**inputs).embeddings
+
+
+def detach_stats(tensor):
+    return tensor.detach().float() if torch.is_tensor(tensor) else tensor
