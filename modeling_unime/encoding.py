@@ -78,7 +78,7 @@ class EncodeMixin:
             raise ValueError("encode got an empty list of items")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        entries = sorted(((i, *normalize_item(item, i)) for i, item in enumerate(items)), key=_sort_key)
+        entries = sorted((self._checked_item(item, i, processor) for i, item in enumerate(items)), key=_sort_key)
         batches = list(_batches(entries, batch_size))
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 4
@@ -100,6 +100,13 @@ class EncodeMixin:
             result = result.to(device)
         result = result[0] if single else result
         return result if convert_to_tensor else result.cpu().numpy()
+
+    @staticmethod
+    def _checked_item(item, index, processor):
+        text, image = normalize_item(item, index)
+        if image is not None:
+            processor.validate_image(image, f"item {index}")
+        return index, text, image
 
     def _encode_batch(self, batch, processor, prompt_style, instruction):
         texts = [text for _, text, _ in batch]

@@ -16,7 +16,7 @@ def load_image(image, where):
             with Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
             raise ValueError(f"{where}: cannot read image file {str(path)!r} ({error})") from error
     if not isinstance(image, Image.Image):
         raise TypeError(f"{where}: expected a PIL.Image or an image path, got {type(image).__name__}")

@@ -123,6 +123,12 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
     def from_backbone(cls, path_or_id, prompt_templates=None, **from_pretrained_kwargs):
         """Wrap a `*ForConditionalGeneration` checkpoint (as released UniME checkpoints are stored).
 
@@ -137,6 +143,9 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
             **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `attn_implementation`,
                 `device_map`, `revision`, ...).
         """
+        # Pickled .bin weights can run code on load: like transformers' own safety default, refuse them
+        # unless the caller opts in with use_safetensors=False.
+        from_pretrained_kwargs.setdefault("use_safetensors", True)
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in from_pretrained_kwargs}
         backbone_config = AutoConfig.from_pretrained(path_or_id, **hub_kwargs)
         family_for_model_type(backbone_config.model_type)

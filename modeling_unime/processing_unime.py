@@ -35,6 +35,9 @@ BACKBONE_PROCESSOR_KWARGS = (
 
 PROMPT_STYLES = ("summary", "instruction")
 
+# Qwen2-VL's smart_resize refuses images whose long side is over 200x the short side.
+MAX_ASPECT_RATIO = {"qwen2_vl": 200, "qwen2_5_vl": 200}
+
 
 def _backbone_processor_class(family):
     """The backbone's processor class, minus its video processor.
@@ -160,6 +163,17 @@ class UniMEProcessor(ProcessorMixin):
             raise ValueError(f"backbone family {self.backbone_family!r} needs a chat_template to build its prompts")
         return self.backbone_processor().apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def validate_image(self, image, where):
+        """Raise `ValueError` naming `where` for an image the backbone's image processor would refuse."""
+        limit = MAX_ASPECT_RATIO.get(self.backbone_family)
+        ratio = max(image.width, image.height) / min(image.width, image.height)
+        if limit is not None and ratio > limit:
+            raise ValueError(
+                f"{where}: image of size {image.size} has aspect ratio {ratio:.0f}; "
+                f"{self.backbone_family} accepts at most {limit}"
+            )
+        return image
+
     def format_prompt(self, text=None, has_image=False, prompt_style="summary", instruction=None):
         """The prompt string for one item (before image-token expansion)."""
         if prompt_style not in PROMPT_STYLES:
@@ -186,6 +200,10 @@ class UniMEProcessor(ProcessorMixin):
             backbone's image inputs (`pixel_values`, `image_grid_thw` or `image_sizes`, ...).
         """
         texts, image_list = self._pair_items(text, images)
+        image_list = [
+            None if image is None else self.validate_image(load_image(image, f"images[{index}]"), f"images[{index}]")
+            for index, image in enumerate(image_list)
+        ]
         prompts = [
             self.format_prompt(item_text, item_image is not None, prompt_style, instruction)
             for item_text, item_image in zip(texts, image_list)
@@ -214,5 +232,4 @@ class UniMEProcessor(ProcessorMixin):
                 raise ValueError(f"item {index} has neither text nor image")
             if item_text is not None:
                 check_text(item_text, f"text[{index}]")
-        image_list = [None if image is None else load_image(image, f"images[{index}]") for index, image in enumerate(image_list)]
         return texts, image_list

@@ -234,3 +234,25 @@ def test_gradient_checkpointing_and_training_forward(qwen2_vl_model, images):
     model(**batch).embeddings.sum().backward()
     grads = [p.grad for p in model.backbone.language_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
+    from training.tiny_models import tiny_generation_model
+
+    directory = save_tiny_backbone("qwen2_vl", tmp_path / "pickled")
+    (directory / "model.safetensors").unlink()
+    model = tiny_generation_model("qwen2_vl")
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        UniMEModel.from_backbone(directory)
+    loaded = UniMEModel.from_backbone(directory, use_safetensors=False)
+    assert torch.equal(loaded.backbone.language_model.layers[0].mlp.up_proj.weight,
+                       model.model.language_model.layers[0].mlp.up_proj.weight)
+
+
+def test_extreme_aspect_ratio_is_refused_by_item(qwen2_vl_model):
+    from PIL import Image
+
+    model, processor = qwen2_vl_model
+    with pytest.raises(ValueError, match="item 1: image of size \\(5000, 1\\) has aspect ratio"):
+        model.encode(["fine", Image.new("RGB", (5000, 1))], processor=processor)
