@@ -1,0 +1,46 @@
+"""Run several evaluation tasks on one model: what `examples/evaluate.py`, the demo and the
+training callback share."""
+
+from .evaluation import encoder_from_model, evaluate_compositional, evaluate_mmeb, evaluate_retrieval, read_rows
+
+TASKS = ("mmeb", "retrieval", "compositional")
+
+
+def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=None, image_root=None,
+                   image_size=None, batch_size=32, show_progress_bar=False):
+    """Evaluate `model` on the tasks given.
+
+    Args:
+        mmeb: anything `training.evaluation.load_mmeb_datasets` accepts (dir, file(s), or name -> rows).
+        retrieval: rows `{"image_path", "captions"}` or a jsonl/parquet path.
+        compositional: rows `{"image_path", "caption", "negative_caption", "group"}` or a path.
+        image_root: directory the rows' image paths are relative to.
+        image_size: resize images to this square size (e.g. 336) before encoding.
+
+    Returns:
+        `{task: {metric: fraction}}` for the tasks given (fractions in [0, 1]).
+    """
+    if mmeb is None and retrieval is None and compositional is None:
+        raise ValueError("evaluate_suite needs at least one of mmeb=, retrieval=, compositional=")
+    encode_fn = encoder_from_model(model, processor, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    results = {}
+    if mmeb is not None:
+        results["mmeb"] = evaluate_mmeb(mmeb, encode_fn, image_root=image_root, image_size=image_size)
+    if retrieval is not None:
+        rows = read_rows(retrieval) if not isinstance(retrieval, list) else retrieval
+        results["retrieval"] = evaluate_retrieval(rows, encode_fn, image_root=image_root, image_size=image_size)
+    if compositional is not None:
+        rows = read_rows(compositional) if not isinstance(compositional, list) else compositional
+        results["compositional"] = evaluate_compositional(rows, encode_fn, image_root=image_root,
+                                                          image_size=image_size)
+    return results
+
+
+def demo_suite_inputs(dataset):
+    """`evaluate_suite` keyword arguments for the held-out split of a built demo data set."""
+    return {
+        "mmeb": {name: path for name, path in dataset.mmeb_eval_files.items()},
+        "retrieval": dataset.retrieval_eval,
+        "compositional": dataset.compositional_eval,
+        "image_root": dataset.image_root,
+    }
