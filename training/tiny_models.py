@@ -70,7 +70,9 @@ def tiny_tokenizer():
 def _tiny_text_config(vocab_size, hidden_size=32, mrope=False):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if mrope:
-        rope["mrope_section"] = [2, 1, 1]
+        # Qwen2-VL splits each head's rotary half-dimension into (temporal, height, width) sections.
+        half = hidden_size // 4 // 2
+        rope["mrope_section"] = [half // 2, (half - half // 2) // 2, half - half // 2 - (half - half // 2) // 2]
     return dict(
         model_type="qwen2",
         vocab_size=vocab_size,
@@ -100,7 +102,7 @@ def tiny_backbone_config(family, vocab_size, hidden_size=32):
     """A small random-weight config of `family`'s `*ForConditionalGeneration` model."""
     tokenizer_ids = tiny_tokenizer_ids(vocab_size)
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
         config_class = transformers.Qwen2VLConfig
         if family == "qwen2_5_vl":
