@@ -9,7 +9,10 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
+from .hub import pop_push_kwargs, push_checkpoint, push_model_to_hub
+from .model_card import write_model_card
 from .prompts import family_for_model_type
+from .sentence_transformers_module import write_sentence_transformers_files
 
 logger = logging.get_logger(__name__)
 
@@ -66,6 +69,23 @@ class UniMEPreTrainedModel(PreTrainedModel):
         backbone = self.__dict__.get("_modules", {}).get("backbone")
         if backbone is not None and module is not self:
             backbone._init_weights(module)
+
+    def save_pretrained(self, save_directory, is_main_process=True, *, push_to_hub=False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a model card (`README.md`; one a person wrote is kept) and
+        the files `SentenceTransformer(save_directory, trust_remote_code=True)` loads. `push_to_hub=True`
+        then uploads the folder with `hub.push_checkpoint` (`repo_id` defaults to the folder's name)."""
+        push_kwargs = pop_push_kwargs(save_directory, kwargs) if push_to_hub else None
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(self.config, save_directory)
+            write_sentence_transformers_files(save_directory)
+            if push_kwargs is not None:
+                push_checkpoint(save_directory, **push_kwargs)
+
+    def push_to_hub(self, repo_id, **kwargs):
+        """`PushToHubMixin.push_to_hub` (same arguments), uploading the UniME model card built for `repo_id`
+        instead of transformers' placeholder card; see `hub.push_model_to_hub`."""
+        return push_model_to_hub(self, repo_id, **kwargs)
 
 
 class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
