@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from training.callbacks import EmbeddingEvalCallback
 from training.evaluation import (
     TIE_TOLERANCE,
-    EmbeddingEvalCallback,
     compositional_accuracy,
     encoder_from_model,
     evaluate_compositional,
@@ -307,6 +307,28 @@ def test_evaluate_retrieval_matches_metric_on_known_embeddings(image_root):
     assert metrics["t2i_R@1"] == pytest.approx(3 / 5)
     assert {style for _, style in encoder.calls} == {"summary"}
     assert sum(len(items) for items, _ in encoder.calls) == 3 + 4  # "crimson" embedded once
+
+
+def test_evaluate_retrieval_with_mmeb_instructions(image_root):
+    """i2t: images with the query instruction vs raw captions; t2i: instructed captions vs images
+    with the target instruction; every embedding in instruction style."""
+    rows = [{"image_path": "red.png", "captions": ["a red one"]},
+            {"image_path": "green.png", "captions": ["a green one"]}]
+    instructions = {"image_query": "IQ", "text_query": "find: {}", "image_target": "IT"}
+    # The instruction text shifts each embedding: IQ makes green images look red (an i2t miss),
+    # IT adds nothing; "find: ..." maps to the right colour.
+    texts = {"IQ": [0.0, 0, 0, 0], "IT": [0.0, 0, 0, 0], "a red one": BASIS["red"], "a green one": BASIS["red"],
+             "find: a red one": BASIS["red"], "find: a green one": BASIS["green"]}
+    encoder = FakeEncoder(texts)
+    metrics = evaluate_retrieval(rows, encoder, image_root=image_root, ks=(1,), instructions=instructions)
+    # t2i: both instructed captions find their image. i2t: red image -> both captions tie (pessimistic
+    # miss); green image -> its caption embeds as red, a miss.
+    assert metrics == {"t2i_R@1": 1.0, "i2t_R@1": 0.0}
+    assert {style for _, style in encoder.calls} == {"instruction"}
+    image_items = [item for items, _ in encoder.calls for item in items if isinstance(item, dict)]
+    assert sorted({item["text"] for item in image_items}) == ["IQ", "IT"]
+    with pytest.raises(ValueError, match="instructions miss"):
+        evaluate_retrieval(rows, encoder, image_root=image_root, instructions={"image_query": "IQ"})
 
 
 def test_evaluate_compositional_known_answers(image_root):

@@ -7,7 +7,7 @@ TASKS = ("mmeb", "retrieval", "compositional")
 
 
 def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=None, image_root=None,
-                   image_size=None, batch_size=32, show_progress_bar=False):
+                   image_size=None, batch_size=32, show_progress_bar=False, instructions=None):
     """Evaluate `model` on the tasks given.
 
     Args:
@@ -16,6 +16,8 @@ def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=No
         compositional: rows `{"image_path", "caption", "negative_caption", "group"}` or a path.
         image_root: directory the rows' image paths are relative to.
         image_size: resize images to this square size (e.g. 336) before encoding.
+        instructions: `None` for the paper's summary prompts in retrieval and compositional tasks,
+            or MMEB-style `{"image_query", "text_query", "image_target"}` (see `evaluate_retrieval`).
 
     Returns:
         `{task: {metric: fraction}}` for the tasks given (fractions in [0, 1]).
@@ -28,17 +30,27 @@ def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=No
         results["mmeb"] = evaluate_mmeb(mmeb, encode_fn, image_root=image_root, image_size=image_size)
     if retrieval is not None:
         rows = read_rows(retrieval) if not isinstance(retrieval, list) else retrieval
-        results["retrieval"] = evaluate_retrieval(rows, encode_fn, image_root=image_root, image_size=image_size)
+        results["retrieval"] = evaluate_retrieval(rows, encode_fn, image_root=image_root, image_size=image_size,
+                                                  instructions=instructions)
     if compositional is not None:
         rows = read_rows(compositional) if not isinstance(compositional, list) else compositional
+        image_instruction = None if instructions is None else instructions["image_query"]
         results["compositional"] = evaluate_compositional(rows, encode_fn, image_root=image_root,
-                                                          image_size=image_size)
+                                                          image_size=image_size, image_instruction=image_instruction)
     return results
 
 
-def demo_suite_inputs(dataset):
-    """`evaluate_suite` keyword arguments for the held-out split of a built demo data set."""
+def demo_suite_inputs(dataset, instruction_prompts=True):
+    """`evaluate_suite` keyword arguments for the held-out split of a built demo data set.
+
+    With `instruction_prompts`, retrieval and compositional tasks use the demo's MMEB-style
+    instructions (those stage 2 trains with); otherwise the paper's zero-shot summary prompts.
+    """
+    from .demo_data import I2T_QUERY, IMAGE_TARGET, T2I_QUERY
+
+    instructions = {"image_query": I2T_QUERY, "text_query": T2I_QUERY, "image_target": IMAGE_TARGET}
     return {
+        "instructions": instructions if instruction_prompts else None,
         "mmeb": {name: path for name, path in dataset.mmeb_eval_files.items()},
         "retrieval": dataset.retrieval_eval,
         "compositional": dataset.compositional_eval,

@@ -6,7 +6,7 @@ Three layers, each testable alone:
 2. task runners that take rows and an `encode_fn(items, prompt_style) -> Tensor[N, D]`
    (`evaluate_mmeb`, `evaluate_retrieval`, `evaluate_compositional`); `encoder_from_model` builds
    the `encode_fn` from a `UniMEModel` and its processor;
-3. reporting: `write_results` and `EmbeddingEvalCallback` (periodic evaluation inside a `Trainer`).
+3. reporting: `write_results` (periodic evaluation inside a `Trainer`: `training.callbacks`).
 
 Similarity is the dot product of the embeddings `encode_fn` returns; `UniMEModel.encode` returns
 L2-normalised embeddings, so this is the cosine similarity the reference code uses.
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import TrainerCallback
 
 EncodeFn = Callable[[list, str], torch.Tensor]
 TIE_TOLERANCE = 1e-6
@@ -182,7 +181,7 @@ def encoder_from_model(model, processor, batch_size=32, show_progress_bar=False)
 
 
 def model_evaluation(runner, processor, batch_size=32, **runner_kwargs):
-    """`(model) -> metrics` running `runner(encode_fn=..., **runner_kwargs)`; for `EmbeddingEvalCallback`."""
+    """`(model) -> metrics` running `runner(encode_fn=..., **runner_kwargs)`; for `training.callbacks.EmbeddingEvalCallback`."""
     def evaluate(model):
         return runner(encode_fn=encoder_from_model(model, processor, batch_size), **runner_kwargs)
     return evaluate
@@ -359,33 +358,65 @@ def _require(rows, fields, task):
             raise ValueError(f"{task} row {index}: missing or empty field(s) {missing}; expected {fields}")
 
 
-def evaluate_retrieval(rows, encode_fn, image_root=None, image_size=None, ks=(1, 5, 10), chunk_size=256):
-    """Image-text Recall@K. Rows are `{"image_path": str, "captions": list[str]}`, one per image;
-    texts and images are embedded once each in summary prompt style."""
+def _embed_images(rows, encode_fn, image_root, image_size, chunk_size, instruction=None):
+    """Each distinct image once: summary prompt, or `{"image", "text": instruction}` in instruction style."""
+    style = "summary" if instruction is None else "instruction"
+
+    def item(path):
+        image = load_image(path, image_root, image_size)
+        return image if instruction is None else {"image": image, "text": instruction}
+
+    return encode_unique([row["image_path"] for row in rows], item, encode_fn, style, chunk_size)
+
+
+def _embed_texts(texts, encode_fn, chunk_size, style="summary", template="{}"):
+    return encode_unique([template.format(text) for text in texts], lambda text: text, encode_fn, style, chunk_size)
+
+
+def evaluate_retrieval(rows, encode_fn, image_root=None, image_size=None, ks=(1, 5, 10), chunk_size=256,
+                       instructions=None):
+    """Image-text Recall@K. Rows are `{"image_path": str, "captions": list[str]}`, one per image.
+
+    With `instructions=None` (the paper's zero-shot protocol) texts and images are embedded once
+    each with the summary prompts. With MMEB-style `instructions`
+    `{"image_query": str, "text_query": "...{}", "image_target": str}`, image->text uses images with
+    `image_query` against raw captions, and text->image uses `text_query.format(caption)` against
+    images with `image_target` (as MMEB's i2t / t2i tasks do).
+    """
     _require(rows, ("image_path", "captions"), "retrieval")
     captions = [(caption, image) for image, row in enumerate(rows) for caption in row["captions"]]
     if any(not isinstance(caption, str) or not caption for caption, _ in captions):
         raise ValueError("retrieval: every caption must be a non-empty string")
-    image_emb, image_row = encode_unique([row["image_path"] for row in rows],
-                                         lambda path: load_image(path, image_root, image_size),
-                                         encode_fn, "summary", chunk_size)
-    text_emb, text_row = encode_unique([caption for caption, _ in captions], lambda text: text,
-                                       encode_fn, "summary", chunk_size)
-    # duplicate image paths collapse to one candidate; captions keep their own query rows
-    image_index = [image_row[rows[image]["image_path"]] for _, image in captions]
-    text_index = torch.tensor([text_row[caption] for caption, _ in captions])
-    return retrieval_recall(text_emb[text_index], image_emb, image_index, ks)
+    texts = [caption for caption, _ in captions]
+
+    def score(image_instruction, text_style, text_template):
+        image_emb, image_row = _embed_images(rows, encode_fn, image_root, image_size, chunk_size, image_instruction)
+        text_emb, text_row = _embed_texts(texts, encode_fn, chunk_size, text_style, text_template)
+        # duplicate image paths collapse to one candidate; captions keep their own query rows
+        image_index = [image_row[rows[image]["image_path"]] for _, image in captions]
+        text_index = torch.tensor([text_row[text_template.format(caption)] for caption, _ in captions])
+        return retrieval_recall(text_emb[text_index], image_emb, image_index, ks)
+
+    if instructions is None:
+        return score(None, "summary", "{}")
+    missing = {"image_query", "text_query", "image_target"} - set(instructions)
+    if missing:
+        raise ValueError(f"retrieval instructions miss {sorted(missing)}")
+    image_to_text = score(instructions["image_query"], "instruction", "{}")
+    text_to_image = score(instructions["image_target"], "instruction", instructions["text_query"])
+    return {**{k: v for k, v in text_to_image.items() if k.startswith("t2i")},
+            **{k: v for k, v in image_to_text.items() if k.startswith("i2t")}}
 
 
-def evaluate_compositional(rows, encode_fn, image_root=None, image_size=None, chunk_size=256):
+def evaluate_compositional(rows, encode_fn, image_root=None, image_size=None, chunk_size=256, image_instruction=None):
     """Compositional accuracy per group. Rows are `{"image_path", "caption", "negative_caption",
-    "group"}`; embedded once each in summary prompt style."""
+    "group"}`; each image and caption is embedded once, with the summary prompts, or (with
+    `image_instruction`, MMEB style) images with that instruction against raw captions."""
     _require(rows, ("image_path", "caption", "negative_caption", "group"), "compositional")
-    image_emb, image_row = encode_unique([row["image_path"] for row in rows],
-                                         lambda path: load_image(path, image_root, image_size),
-                                         encode_fn, "summary", chunk_size)
+    image_emb, image_row = _embed_images(rows, encode_fn, image_root, image_size, chunk_size, image_instruction)
     texts = [row[field] for row in rows for field in ("caption", "negative_caption")]
-    text_emb, text_row = encode_unique(texts, lambda text: text, encode_fn, "summary", chunk_size)
+    style = "summary" if image_instruction is None else "instruction"
+    text_emb, text_row = _embed_texts(texts, encode_fn, chunk_size, style)
 
     def rows_of(lookup, field):
         return torch.tensor([lookup[row[field]] for row in rows])
@@ -417,71 +448,3 @@ def write_results(results, out_dir):
         lines.append("")
     markdown_path.write_text("\n".join(lines), encoding="utf-8")
     return json_path, markdown_path
-
-
-class EmbeddingEvalCallback(TrainerCallback):
-    """Run an embedding evaluation every `eval_steps` optimizer steps and at the end of training,
-    logging `{metric_prefix}{name}` through the trainer.
-
-    Transformers hands callbacks the model but not the trainer, and only `Trainer.log` both appends
-    to `trainer.state.log_history` and forwards to the other callbacks' `on_log` (the `report_to`
-    integrations, progress bars). So the callback is bound to its trainer with `attach`, which also
-    registers it; a callback that was never attached fails at `on_train_begin` instead of silently
-    dropping its metrics::
-
-        evaluate = model_evaluation(evaluate_retrieval, processor, rows=rows, image_root=root)
-        EmbeddingEvalCallback(evaluate, eval_steps=50, metric_prefix="eval_retrieval/").attach(trainer)
-        trainer.train()   # log_history gets {"eval_retrieval/t2i_R@1": ..., "step": 50, ...}
-
-    The evaluation runs with the model in eval mode under `torch.no_grad()`, and train mode is
-    restored after. It runs on every process, because a sharded model (ZeRO-3, FSDP) needs all
-    ranks for a forward pass; `Trainer.log` reports from the main process only.
-
-    Args:
-        eval_fn: `(model) -> {metric name: number}`, e.g. `model_evaluation(evaluate_mmeb, ...)`.
-        eval_steps: evaluate when `global_step` is a multiple of this, and on the last step.
-        metric_prefix: prepended to every metric name.
-    """
-
-    def __init__(self, eval_fn, eval_steps, metric_prefix="eval/"):
-        if not callable(eval_fn):
-            raise TypeError(f"eval_fn must be callable (model) -> dict, got {type(eval_fn).__name__}")
-        if not isinstance(eval_steps, int) or eval_steps < 1:
-            raise ValueError(f"eval_steps must be a positive int, got {eval_steps!r}")
-        self.eval_fn, self.eval_steps, self.metric_prefix = eval_fn, eval_steps, metric_prefix
-        self.trainer = None
-        self._last_evaluated_step = None
-
-    def attach(self, trainer):
-        """Register on `trainer` and log through it; returns self."""
-        self.trainer = trainer
-        trainer.add_callback(self)
-        return self
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            raise RuntimeError("EmbeddingEvalCallback was not attached: call callback.attach(trainer) "
-                               "instead of passing it in Trainer(callbacks=...)")
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # DefaultFlowCallback runs first and sets should_training_stop on the last step.
-        if state.global_step % self.eval_steps == 0 or control.should_training_stop:
-            self._evaluate(state, model)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._evaluate(state, model)  # in case a later callback stopped training
-
-    def _evaluate(self, state, model):
-        if state.global_step == self._last_evaluated_step:
-            return
-        self._last_evaluated_step = state.global_step
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                metrics = self.eval_fn(model)
-        finally:
-            model.train(was_training)
-        if not isinstance(metrics, Mapping) or any(not isinstance(v, (int, float)) for v in metrics.values()):
-            raise ValueError(f"eval_fn must return {{metric name: number}}, got {metrics!r}")
-        self.trainer.log({f"{self.metric_prefix}{name}": float(value) for name, value in metrics.items()})
