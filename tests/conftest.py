@@ -15,6 +15,12 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Tests run on 2 pytest-xdist workers on 2 cores: one intra-op thread each avoids oversubscription,
+# which slows tiny-model training by an order of magnitude on a loaded machine.
+torch.set_num_threads(1)
+
 from training.tiny_models import FAMILIES, save_tiny_backbone, tiny_unime  # noqa: E402
 
 

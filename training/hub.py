@@ -43,7 +43,7 @@ def push_merged_model(trainer_or_model, processor=None, repo_id=None, *, checkpo
             name of its `output_dir`. Required with a model.
         checkpoint_dir (`str`, *optional*): an already saved merged checkpoint (e.g. the trainer's
             `<output_dir>/merged`) to upload as it is; otherwise the model is merged and saved to a
-            temporary folder first (adapters are unmerged afterwards, so training can go on).
+            temporary folder first (the live weights are not modified, so training can go on).
         eval_results (`dict`, *optional*): `{task: {metric: value}}` to record in the config first (only
             used when saving, not with `checkpoint_dir`).
         token, private, revision, create_pr, commit_message, tags: as in `push_to_hub`.

@@ -97,16 +97,31 @@ def save_atomically(write, output_dir):
 
 
 def merged_state_dict(peft_model):
-    """State dict of the UniME model with LoRA folded in, under the plain UniME key names.
-
-    Call between `peft_model.merge_adapter()` and `unmerge_adapter()`: base-layer weights then hold
-    W + BA, and the adapter tensors are dropped. No copy of the model is made.
+    """State dict of the UniME model with every active LoRA adapter folded in (W + scale * B A),
+    under the plain UniME key names; the modules themselves are not touched, so training can go on
+    with bit-identical weights.
     """
+    from peft.tuners.lora import LoraLayer
+
     prefix = "base_model.model."
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        weight = module.get_base_layer().weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(
+                f"{name}: cannot fold LoRA into {weight.dtype} (quantised) weights; reload the backbone in "
+                "16/32-bit, load the adapters on it and save the merged model from there"
+            )
+        delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters if adapter in module.lora_A)
+        deltas[f"{name}.base_layer.weight"] = delta
     merged = {}
     for key, tensor in peft_model.state_dict().items():
         if "lora_" in key:
             continue
+        if key in deltas:
+            tensor = (tensor.float() + deltas[key].float()).to(tensor.dtype)
         key = key[len(prefix):] if key.startswith(prefix) else key
         merged[key.replace(".base_layer.", ".")] = tensor.detach()
     return merged
@@ -115,23 +130,16 @@ def merged_state_dict(peft_model):
 def save_merged_model(model, processor, output_dir, safe_serialization=True):
     """Save `model` (UniME, optionally LoRA-wrapped) as a standalone UniME checkpoint with its processor.
 
-    LoRA adapters are merged for the save and unmerged afterwards, so training can continue. The
-    directory appears only once complete (see `save_atomically`) and loads with
+    LoRA adapters are folded into the saved weights only (`merged_state_dict`); the live model is
+    unchanged, so training can continue. The directory appears only once complete (see `save_atomically`) and loads with
     `AutoModel.from_pretrained(output_dir, trust_remote_code=True)`.
     """
     unime = unwrap_unime(model)
     peft_model = model if isinstance(model, PeftModel) else None
 
     def write(directory):
-        if peft_model is None:
-            unime.save_pretrained(directory, safe_serialization=safe_serialization)
-        else:
-            peft_model.merge_adapter()
-            try:
-                state_dict = merged_state_dict(peft_model)
-                unime.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
-            finally:
-                peft_model.unmerge_adapter()
+        state_dict = None if peft_model is None else merged_state_dict(peft_model)
+        unime.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
         if processor is not None:
             processor.save_pretrained(directory)
 

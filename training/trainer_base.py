@@ -75,7 +75,7 @@ class UniMETrainerBase(Trainer):
     def save_merged(self, output_dir=None):
         """Save the LoRA-merged model + processor as a standalone UniME checkpoint (atomic).
 
-        The trainer's model keeps its adapters (they are merged for the save and unmerged after), so
+        The trainer's model keeps its adapters and its weights are untouched (see `merged_state_dict`), so
         training can continue.
         """
         output_dir = output_dir or f"{self.args.output_dir}/merged"
