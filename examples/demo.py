@@ -45,8 +45,8 @@ def run_demo(out_dir, settings):
     record_run(model, phases["after stage 2"])
 
     final_dir = save_merged_model(model, processor, out_dir / "final_model")
-    probe = ["a red circle", data.image_root / "scene_0000.png",
-             {"image": data.image_root / "scene_0001.png", "text": "What colour is the circle?"}]
+    images = sorted(data.image_root.glob("scene_*.png"))[:2]
+    probe = ["a red circle", images[0], {"image": images[1], "text": "What colour is the circle?"}]
     difference = reload_in_fresh_process(final_dir, probe, model.encode(probe, processor=processor), out_dir / "reload")
     if difference > 1e-5:
         raise RuntimeError(f"the reloaded checkpoint's embeddings differ by {difference:.2e}")
