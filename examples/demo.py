@@ -25,8 +25,8 @@ from training.demo_pipeline import (  # noqa: E402
 from training.demo_report import markdown_table, plot_run, reload_in_fresh_process, write_json  # noqa: E402
 from training.lora import save_merged_model  # noqa: E402
 
-QUICK = dict(num_train_scenes=120, num_eval_scenes=40, stage1_steps=6, stage2_steps=8, stage1_batch_size=16,
-             stage2_batch_size=32, hidden_size=32, gradcache_chunk_size=16)
+QUICK = dict(num_train_scenes=400, num_eval_scenes=60, stage1_steps=10, stage2_steps=300, stage1_batch_size=16,
+             stage2_batch_size=32, gradcache_chunk_size=16, stage2_learning_rate=3e-4)
 NOTE = ("The demo model is tiny and trained from random weights: it validates the method and the code "
         "(each stage must improve held-out metrics), not the paper's absolute numbers.")
 

@@ -62,7 +62,8 @@ def prepare_data(out_dir, settings):
     dataset = build_demo_dataset(Path(out_dir) / "data", seed=settings.seed,
                                  num_train_scenes=settings.num_train_scenes,
                                  num_eval_scenes=settings.num_eval_scenes, image_size=64)
-    cache = Path(out_dir) / "data" / "teacher_cache.safetensors"
+    # One cache per data build: the teacher cache refuses texts it was not built from.
+    cache = Path(out_dir) / "data" / f"teacher_cache_seed{settings.seed}_{settings.num_train_scenes}.safetensors"
     sentences = load_table(str(dataset.stage1_train), cache_dir=str(Path(out_dir) / "hf_cache"))
     build_teacher_cache(sentences, STAGE1_COLUMNS, minilm_teacher_path(), str(cache), show_progress_bar=True)
     return dataset, cache
