@@ -451,3 +451,13 @@ def test_callback_rejects_bad_arguments_and_metrics(tmp_path):
     with pytest.raises(ValueError, match="metric name: number"):
         trainer.train()
     assert trainer.model.training  # restored even though the metrics were rejected
+
+
+def test_callback_keeps_the_trainers_loss_logs(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4)
+    trainer.args.logging_steps = 2
+    EmbeddingEvalCallback(lambda model: {"x": 1.0}, eval_steps=2, metric_prefix="eval_toy/").attach(trainer)
+    trainer.train()
+    loss_steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    eval_steps = [entry["step"] for entry in trainer.state.log_history if "eval_toy/x" in entry]
+    assert loss_steps == [2, 4] and eval_steps == [2, 4]

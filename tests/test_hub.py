@@ -250,3 +250,24 @@ def test_unreachable_hub_gives_a_clear_error_and_leaves_local_files_intact(tmp_p
 
     assert time.monotonic() - start < 10
     assert local_files(checkpoint) == before
+
+
+def test_trainer_push_to_hub_uploads_the_merged_model_not_adapters(fake_hub, tmp_path):
+    from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
+
+    model, processor = tiny_unime("qwen2_vl")
+    args = HardNegativeConfig(output_dir=str(tmp_path / "run"), hub_model_id="user/stage2", push_to_hub=True,
+                              report_to=[], lora_rank=4, use_cpu=True)
+    trainer = UniMEHardNegativeTrainer(model=model, args=args, processor=processor)
+    for name, parameter in trainer.model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(std=0.5)
+    expected = copy.deepcopy(trainer.model).merge_and_unload().state_dict()
+
+    trainer.push_to_hub()
+
+    files = fake_hub.files("user/stage2")
+    assert set(files) == MODEL_FILES | PROCESSOR_FILES  # no adapter_config.json / adapter weights
+    weights = load_safetensors_bytes(files["model.safetensors"])
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())

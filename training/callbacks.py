@@ -53,7 +53,11 @@ class EmbeddingEvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # DefaultFlowCallback runs first and sets should_training_stop on the last step.
         if state.global_step % self.eval_steps == 0 or control.should_training_stop:
+            # Trainer.log resets control.should_log through on_log; keep the Trainer's own pending
+            # loss log of this step.
+            should_log = control.should_log
             self._evaluate(state, model)
+            control.should_log = should_log
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._evaluate(state, model)  # in case a later callback stopped training

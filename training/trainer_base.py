@@ -84,6 +84,23 @@ class UniMETrainerBase(Trainer):
         save_merged_model(self.accelerator.unwrap_model(self.model), self.processor, output_dir)
         return output_dir
 
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
+        """Push the LoRA-merged model + processor + model card (never the adapters alone).
+
+        `Trainer.push_to_hub` would upload the PEFT adapters; a UniME repo must load with
+        `AutoModel.from_pretrained(repo, trust_remote_code=True)`, so the merged model goes up instead.
+        Returns the commit info (None on processes other than the main one).
+        """
+        from .hub import push_merged_model
+
+        return push_merged_model(self, token=token, revision=revision, commit_message=commit_message,
+                                 tags=kwargs.get("tags"))
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        # Intermediate Trainer checkpoints hold adapters and optimizer state: they stay local, and the
+        # Hub repo only ever receives complete merged models (push_to_hub at the end of training).
+        return
+
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         if self.args.save_merged_model:
