@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from training.callbacks import EmbeddingEvalCallback
 from training.evaluation import (
+    load_mmeb_datasets,
     TIE_TOLERANCE,
     compositional_accuracy,
     encoder_from_model,
@@ -461,3 +462,16 @@ def test_callback_keeps_the_trainers_loss_logs(tmp_path):
     loss_steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     eval_steps = [entry["step"] for entry in trainer.state.log_history if "eval_toy/x" in entry]
     assert loss_steps == [2, 4] and eval_steps == [2, 4]
+
+
+def test_load_mmeb_datasets_reads_the_hub_layout_with_one_folder_per_dataset(tmp_path):
+    first, second = mmeb_rows()["ImageNet-1K"][:2], mmeb_rows()["ImageNet-1K"][2:3]
+    (tmp_path / "ImageNet-1K").mkdir()
+    pq.write_table(pa.Table.from_pylist(first[:1]), tmp_path / "ImageNet-1K" / "test-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(first[1:]), tmp_path / "ImageNet-1K" / "test-00001-of-00002.parquet")
+    write_jsonl(tmp_path / "VOC2007.jsonl", second)
+    loaded = load_mmeb_datasets(tmp_path)
+    assert loaded == {"ImageNet-1K": first, "VOC2007": second}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no MMEB dataset files"):
+        load_mmeb_datasets(tmp_path / "empty")

@@ -235,15 +235,33 @@ def read_rows(path):
     raise ValueError(f"cannot read {str(path)!r}: expected a .jsonl, .json or .parquet file")
 
 
+MMEB_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _dataset_files(directory):
+    """`{name: [files]}` for a directory: one file per dataset (`<name>.jsonl`), or the Hub layout of
+    `TIGER-Lab/MMEB-eval` with one sub-folder per dataset (`<name>/test-00000-of-00001.parquet`)."""
+    found = {p.stem: [p] for p in sorted(directory.iterdir()) if p.is_file() and p.suffix in MMEB_FILE_SUFFIXES}
+    for folder in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in MMEB_FILE_SUFFIXES)
+        if files:
+            found[folder.name] = files
+    return found
+
+
 def load_mmeb_datasets(source):
-    """MMEB-format datasets as `{name: rows}` from a directory (one file per dataset, named by the
-    file stem), one file, a list of files, or a mapping `name -> rows or file path`."""
+    """MMEB-format datasets as `{name: rows}` from a directory (one file per dataset named by its stem,
+    or one sub-folder of shards per dataset as on the Hub), one file, a list of files, or a mapping
+    `name -> rows or file path`."""
     if isinstance(source, Mapping):
         return {name: read_rows(rows) if isinstance(rows, (str, os.PathLike)) else list(rows)
                 for name, rows in source.items()}
     paths = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
     if len(paths) == 1 and paths[0].is_dir():
-        paths = sorted(p for p in paths[0].iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        found = _dataset_files(paths[0])
+        if not found:
+            raise ValueError(f"no MMEB dataset files (.jsonl/.json/.parquet) found in {str(source)!r}")
+        return {name: [row for path in files for row in read_rows(path)] for name, files in found.items()}
     if not paths:
         raise ValueError(f"no MMEB dataset files (.jsonl/.json/.parquet) found in {source!r}")
     return {path.stem: read_rows(path) for path in paths}
