@@ -465,7 +465,7 @@ def test_callback_keeps_the_trainers_loss_logs(tmp_path):
 
 
 def test_load_mmeb_datasets_reads_the_hub_layout_with_one_folder_per_dataset(tmp_path):
-    first, second = mmeb_rows()["ImageNet-1K"][:2], mmeb_rows()["ImageNet-1K"][2:3]
+    first, second = mmeb_rows()["ImageNet_1K"][:2], mmeb_rows()["ImageNet_1K"][2:3]
     (tmp_path / "ImageNet-1K").mkdir()
     pq.write_table(pa.Table.from_pylist(first[:1]), tmp_path / "ImageNet-1K" / "test-00000-of-00002.parquet")
     pq.write_table(pa.Table.from_pylist(first[1:]), tmp_path / "ImageNet-1K" / "test-00001-of-00002.parquet")
