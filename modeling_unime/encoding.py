@@ -78,7 +78,11 @@ class EncodeMixin:
             raise ValueError("encode got an empty list of items")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        entries = sorted((self._checked_item(item, i, processor) for i, item in enumerate(items)), key=_sort_key)
+        placeholders = processor.placeholder_tokens()
+        if instruction is not None:
+            processor.validate_text(instruction, "instruction", placeholders)
+        entries = sorted((self._checked_item(item, i, processor, placeholders) for i, item in enumerate(items)),
+                         key=_sort_key)
         batches = list(_batches(entries, batch_size))
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 4
@@ -102,8 +106,10 @@ class EncodeMixin:
         return result if convert_to_tensor else result.cpu().numpy()
 
     @staticmethod
-    def _checked_item(item, index, processor):
+    def _checked_item(item, index, processor, placeholders):
         text, image = normalize_item(item, index)
+        if text is not None:
+            processor.validate_text(text, f"item {index}", placeholders)
         if image is not None:
             processor.validate_image(image, f"item {index}")
         return index, text, image

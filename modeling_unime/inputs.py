@@ -5,24 +5,44 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+# What PIL raises for an undecodable image, depending on the format (a closed file: AssertionError).
+_PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, AssertionError, Image.DecompressionBombError)
+
 
 def load_image(image, where):
     """Return an RGB `PIL.Image` from a PIL image or a file path; `ValueError` naming `where` otherwise."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"{where}: image file {str(path)!r} does not exist")
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise ValueError(f"{where}: image file {str(path)!r} {problem}")
         try:
             with Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+        except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as error:
             raise ValueError(f"{where}: cannot read image file {str(path)!r} ({error})") from error
     if not isinstance(image, Image.Image):
         raise TypeError(f"{where}: expected a PIL.Image or an image path, got {type(image).__name__}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{where}: image has zero size {image.size}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    try:
+        # A PIL image opened lazily (`Image.open` without `load`) decodes only now: a truncated or
+        # already-closed file fails here rather than inside the backbone's image processor.
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except _PIL_DECODE_ERRORS as error:
+        raise ValueError(f"{where}: cannot decode the image ({type(error).__name__}: {error})") from error
+
+
+def check_unicode(text, where):
+    """Raise `ValueError` naming `where` if `text` cannot be encoded as UTF-8 (a lone surrogate),
+    which the fast tokenizers refuse with an unhelpful `TypeError`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where}: text is not valid Unicode ({error.reason} at character {error.start})") from None
+    return text
 
 
 def check_text(text, where):
@@ -31,7 +51,7 @@ def check_text(text, where):
         raise TypeError(f"{where}: expected text as str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"{where}: text is empty")
-    return text
+    return check_unicode(text, where)
 
 
 def normalize_item(item, index):

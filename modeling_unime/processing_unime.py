@@ -3,8 +3,8 @@
 import json
 
 import transformers
-from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
-from transformers.utils import cached_file
+from transformers import AutoTokenizer, ProcessorMixin
+from transformers.utils import cached_file, is_torchvision_available
 
 from .inputs import check_text, load_image
 from .prompts import (
@@ -86,6 +86,40 @@ def _read_chat_template(path_or_id, tokenizer, **hub_kwargs):
     return template or getattr(tokenizer, "chat_template", None)
 
 
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
+INIT_SETTINGS = ("backbone_family", "prompt_templates", "backbone_processor_kwargs")
+
+
+def _image_processor_class(type_name):
+    """The image processor class for a saved `image_processor_type`, PIL variant without torchvision."""
+    base = type_name[:-4] if type_name.endswith("Fast") else type_name
+    if base.endswith("Pil") and is_torchvision_available():
+        base = base[:-3]
+    candidates = [base] if is_torchvision_available() else [base if base.endswith("Pil") else f"{base}Pil"]
+    for name in candidates:
+        found = getattr(transformers, name, None)
+        if found is not None:
+            return found
+    raise ValueError(f"image processor {type_name!r} is not available in transformers {transformers.__version__}")
+
+
+def load_image_processor(path_or_id, **hub_kwargs):
+    """Load a backbone's image processor from its saved settings.
+
+    `AutoImageProcessor` requires torchvision in some transformers 5.x releases even when a PIL
+    variant exists, so the class is resolved here from `image_processor_type`
+    (`preprocessor_config.json`, or the `image_processor` entry of `processor_config.json`).
+    """
+    settings = _read_optional_json(path_or_id, "preprocessor_config.json", **hub_kwargs)
+    if not settings:
+        settings = _read_optional_json(path_or_id, "processor_config.json", **hub_kwargs).get("image_processor", {})
+    if not settings.get("image_processor_type"):
+        raise ValueError(f"{path_or_id!r} has no image processor settings (preprocessor_config.json)")
+    image_processor_class = _image_processor_class(settings["image_processor_type"])
+    ignored = ("image_processor_type", "processor_class", "auto_map")
+    return image_processor_class(**{k: v for k, v in settings.items() if k not in ignored})
+
+
 class UniMEProcessor(ProcessorMixin):
     r"""
     Formats text, images and image+text items with UniME's prompt templates and runs the backbone's
@@ -136,7 +170,7 @@ class UniMEProcessor(ProcessorMixin):
         backbone_config = transformers.AutoConfig.from_pretrained(path_or_id, **hub_kwargs)
         family = family_for_model_type(backbone_config.model_type)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **hub_kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path_or_id, **hub_kwargs)
+        image_processor = load_image_processor(path_or_id, **hub_kwargs)
         processor_config = _read_optional_json(path_or_id, "processor_config.json", **hub_kwargs)
         backbone_kwargs = {k: processor_config[k] for k in BACKBONE_PROCESSOR_KWARGS if k in processor_config}
         return cls(
@@ -146,6 +180,29 @@ class UniMEProcessor(ProcessorMixin):
             prompt_templates=prompt_templates,
             backbone_processor_kwargs=backbone_kwargs,
             chat_template=_read_chat_template(path_or_id, tokenizer, **hub_kwargs),
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved UniME processor (what `AutoProcessor.from_pretrained(..., trust_remote_code=True)` calls).
+
+        Reads the components explicitly instead of through `AutoImageProcessor`, so loading works
+        without torchvision on every transformers 5.x release.
+        """
+        path = pretrained_model_name_or_path
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        settings = _read_optional_json(path, "processor_config.json", **hub_kwargs)
+        if "backbone_family" not in settings:
+            raise ValueError(f"{path!r} has no UniME processor_config.json; use UniMEProcessor.from_backbone for "
+                             "a backbone checkpoint")
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        init = {k: settings[k] for k in INIT_SETTINGS if k in settings}
+        init.update({k: kwargs[k] for k in INIT_SETTINGS if k in kwargs})
+        return cls(
+            image_processor=load_image_processor(path, **hub_kwargs),
+            tokenizer=tokenizer,
+            chat_template=_read_chat_template(path, tokenizer, **hub_kwargs),
+            **init,
         )
 
     def backbone_processor(self):
@@ -174,6 +231,28 @@ class UniMEProcessor(ProcessorMixin):
             )
         return image
 
+    def placeholder_tokens(self, backbone=None):
+        """The backbone processor's image/video placeholder tokens (e.g. `<image>`, `<|image_pad|>`).
+
+        It expands each one into an image's tokens, so one typed inside a user's text would not match
+        the images given and fail inside the backbone processor; `validate_text` refuses it first.
+        """
+        backbone = backbone or self.backbone_processor()
+        return tuple(token for token in (getattr(backbone, "image_token", None), getattr(backbone, "video_token", None))
+                     if token)
+
+    def validate_text(self, text, where, placeholder_tokens=None):
+        """Return `text` if it is a non-empty string without the backbone's placeholder tokens;
+        `ValueError` / `TypeError` naming `where` otherwise."""
+        check_text(text, where)
+        for token in self.placeholder_tokens() if placeholder_tokens is None else placeholder_tokens:
+            if token in text:
+                raise ValueError(
+                    f"{where}: text contains the backbone's image placeholder {token!r}; pass the image as an item "
+                    "(in instruction style, mark its place with <|image_1|>)"
+                )
+        return text
+
     def format_prompt(self, text=None, has_image=False, prompt_style="summary", instruction=None):
         """The prompt string for one item (before image-token expansion)."""
         if prompt_style not in PROMPT_STYLES:
@@ -200,6 +279,13 @@ class UniMEProcessor(ProcessorMixin):
             backbone's image inputs (`pixel_values`, `image_grid_thw` or `image_sizes`, ...).
         """
         texts, image_list = self._pair_items(text, images)
+        backbone = self.backbone_processor()
+        placeholders = self.placeholder_tokens(backbone)
+        for index, item_text in enumerate(texts):
+            if item_text is not None:
+                self.validate_text(item_text, f"text[{index}]", placeholders)
+        if instruction is not None:
+            self.validate_text(instruction, "instruction", placeholders)
         image_list = [
             None if image is None else self.validate_image(load_image(image, f"images[{index}]"), f"images[{index}]")
             for index, image in enumerate(image_list)
@@ -211,7 +297,7 @@ class UniMEProcessor(ProcessorMixin):
         present_images = [image for image in image_list if image is not None]
         kwargs.setdefault("padding", True)
         kwargs.setdefault("return_tensors", "pt")
-        return self.backbone_processor()(text=prompts, images=present_images or None, **kwargs)
+        return backbone(text=prompts, images=present_images or None, **kwargs)
 
     @staticmethod
     def _pair_items(text, images):

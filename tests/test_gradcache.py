@@ -23,15 +23,6 @@ from training.tiny_models import tiny_unime
 from conftest import drawn_image  # noqa: I001
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP spinning across threads costs 10-20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IMAGES = [drawn_image(seed, size=(40 + 4 * seed, 36)) for seed in range(6)]
 QUERIES = [("<|image_1|> What colour is the shape?", IMAGES[0]), (None, IMAGES[1]), ("find the cat", None),
            ("<|image_1|> Describe the picture.", IMAGES[2]), ("a red square on grass", None), (None, IMAGES[3])]

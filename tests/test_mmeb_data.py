@@ -19,15 +19,6 @@ from training.tiny_models import tiny_processor
 CLASSIFY = "<|image_1|> Represent the given image for classification."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP spinning across threads costs 10-20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_image(path, colour, size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)

@@ -37,7 +37,8 @@ def run_fresh_process(tmp_path, directory, image_path, dtype="float32"):
     script.write_text(LOAD_AND_ENCODE)
     out = tmp_path / f"out_{dtype}.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))  # same float summation order as this process
     result = subprocess.run(
         [sys.executable, str(script), str(directory), str(out), dtype, str(image_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -33,15 +33,6 @@ STAT_KEYS = ("mean_positive_similarity", "mean_hard_negative_similarity", "false
              "rows_with_false_negatives_fraction", "rows_short_of_k", "rows_without_negatives", "skipped_pairs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP spinning across threads costs 10-20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def draw_shape(colour, shape, rng, size=56):
     image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 40, 3)))
     radius = int(rng.integers(12, 22))

@@ -74,9 +74,13 @@ def load_table(
             f"cannot load {path!r}: unknown extension {extension!r}, "
             f"expected one of {sorted(_FILE_BUILDERS)} or a save_to_disk directory"
         )
-    return datasets.load_dataset(
-        _FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir
-    )
+    try:
+        return datasets.load_dataset(
+            _FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        # datasets says only "An error occurred while generating the dataset"; the cause says where.
+        raise ValueError(f"cannot read {path!r} as a {extension} table: {error.__cause__ or error}") from error
 
 
 def _load_saved_dataset(path: str, split: str) -> datasets.Dataset:

@@ -3,6 +3,7 @@ margin beta, number of hard negatives k) at toy scale, every row over several se
 
 import copy
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ ABLATION_ROWS = (
 )
 REFERENCE_ROW = "stage 1 + 2 (k=8, β=0.1)"
 # 24 stage-2 runs (8 rows x 3 seeds) must fit in about half an hour on 2 cores.
-ABLATION_OVERRIDES = {"stage2_steps": 400}
+ABLATION_OVERRIDES = {"stage2_steps": 300}
 FALSE_NEGATIVE_COLUMN = "FalseNeg%"
 
 
@@ -74,17 +75,31 @@ def summarize(per_seed):
     return summary
 
 
+def seed_results(out_dir, settings):
+    """One seed's rows, computed once and kept in `<out_dir>/results.json` (so seeds can run as
+    separate processes, e.g. one per core, and a later call only summarises)."""
+    cached = out_dir / "results.json"
+    if cached.is_file():
+        stored = json.loads(cached.read_text())
+        if stored["settings"] == dataclasses.asdict(settings):
+            return stored["rows"]
+    rows = run_seed(out_dir, settings)
+    write_json(cached, {"settings": dataclasses.asdict(settings), "rows": rows})
+    return rows
+
+
 def run_ablation(out_dir, settings, seeds):
-    """Run every row for every seed; write `ablation.md` and `ablation.json` under `out_dir`."""
-    if len(seeds) < 2:
-        raise ValueError("the ablation needs at least 2 seeds to report a spread (3 recommended)")
+    """Run every row for every seed; with 2+ seeds write `ablation.md` and `ablation.json` under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # GradCache gives the same gradients (tests/test_gradcache.py), so the ablation skips it for speed.
     ablation_settings = dataclasses.replace(settings, gradcache_chunk_size=None, **ABLATION_OVERRIDES)
-    per_seed = {seed: run_seed(out_dir / f"seed_{seed}", dataclasses.replace(ablation_settings, seed=seed))
+    per_seed = {seed: seed_results(out_dir / f"seed_{seed}", dataclasses.replace(ablation_settings, seed=seed))
                 for seed in seeds}
+    if len(seeds) < 2:
+        print(f"seed {seeds[0]} done; run again with all seeds (>= 2, 3 recommended) to get the table")
+        return None
     summary = summarize(per_seed)
     columns = (*HEADLINE_COLUMNS, FALSE_NEGATIVE_COLUMN)
     for metrics in summary.values():

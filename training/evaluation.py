@@ -193,7 +193,7 @@ def load_image(path, image_root=None, image_size=None):
     try:
         with Image.open(full_path) as opened:
             image = opened.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {str(full_path)!r}: {error}") from error
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

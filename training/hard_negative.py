@@ -146,7 +146,7 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
             loss_scale=scale,
         )
         self.record_stats(stats.to_dict())
-        return (loss * scale).detach()
+        return self.check_finite_loss((loss * scale).detach())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the contrastive loss of the batch only (no logits or labels)."""

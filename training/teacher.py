@@ -442,7 +442,8 @@ def load_teacher_cache(
 
     Raises:
         ValueError: naming the column and the mismatch (not in the cache or the dataset, another
-            number of rows, changed texts).
+            number of rows, changed texts), or a stored tensor that disagrees with the metadata
+            (shape, dtype) or holds NaN/Inf.
     """
     metadata = read_cache_metadata(path)
     columns = list(metadata["columns"]) if columns is None else list(columns)
@@ -464,7 +465,28 @@ def load_teacher_cache(
                 f"{'; '.join(differences)}. Rebuild it with build_teacher_cache."
             )
     with safe_open(os.fspath(path), framework="pt") as handle:
-        return {column: handle.get_tensor(column) for column in columns}
+        stored = set(handle.keys())
+        tensors = {column: handle.get_tensor(column) for column in columns if column in stored}
+    for column in columns:
+        _check_cached_embeddings(path, column, tensors.get(column), metadata)
+    return tensors
+
+
+def _check_cached_embeddings(path, column: str, embeddings, metadata: dict) -> None:
+    """A damaged or hand-edited cache must fail here, naming the column, not as a shape error in training."""
+    expected = (metadata["num_rows"], metadata["dimension"])
+    where = f"teacher cache {os.fspath(path)!r}, column {column!r}"
+    if embeddings is None:
+        raise ValueError(f"{where}: listed in the metadata but the file holds no such tensor; rebuild the cache")
+    if tuple(embeddings.shape) != expected or not embeddings.is_floating_point():
+        raise ValueError(
+            f"{where}: holds a {embeddings.dtype} tensor of shape {tuple(embeddings.shape)}, expected floats of "
+            f"shape [num_rows, dimension] = {list(expected)} as its metadata says; rebuild the cache"
+        )
+    not_finite = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten()
+    if len(not_finite):
+        raise ValueError(f"{where}: the embedding of row {not_finite[0].item()} is not finite (NaN/Inf); "
+                         "rebuild the cache")
 
 
 # ---------------------------------------------------------------------------------------------

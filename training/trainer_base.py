@@ -1,12 +1,16 @@
-"""What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves."""
+"""What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves,
+atomic checkpoints and a stop on a non-finite loss."""
 
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .lora import LANGUAGE_MODEL_LINEAR_LAYERS, add_lora, save_merged_model, unwrap_unime
+from .lora import LANGUAGE_MODEL_LINEAR_LAYERS, add_lora, publish_directory, save_merged_model, unwrap_unime
 
 
 @dataclass
@@ -39,6 +43,15 @@ class UniMETrainerBase(Trainer):
 
     Subclasses implement `compute_loss` and call `self.record_stats(dict)` with floats to log; the
     means since the last logging step are added to the Trainer's logs (and so to every `report_to`).
+
+    Reliability on top of `Trainer`:
+    - a checkpoint is written into a hidden `.checkpoint-N.partial/` folder and renamed to
+      `checkpoint-N` only once complete, so a job killed mid-save never leaves a `checkpoint-N` that
+      `resume_from_checkpoint=True` (or `from_pretrained`) would half-load;
+    - a non-finite loss stops training with a `FloatingPointError` naming the optimizer step and the
+      micro-batch, before that step is applied or checkpointed (`Trainer` alone would log a filtered
+      loss and step the optimizer with NaN gradients). Resume from the last checkpoint after fixing
+      the cause.
     """
 
     def __init__(self, model=None, args=None, processor=None, **kwargs):
@@ -51,6 +64,8 @@ class UniMETrainerBase(Trainer):
         self.processor = processor
         self._stats_sums = defaultdict(float)
         self._stats_counts = defaultdict(int)
+        self._checkpoint_staging_dir = None
+        self._loss_check_position = (None, 0)  # (global step, micro-batches seen in that step)
 
     def record_stats(self, stats):
         """Accumulate scalar statistics (e.g. mean positive similarity) until the next log."""
@@ -67,6 +82,67 @@ class UniMETrainerBase(Trainer):
             self._stats_sums.clear()
             self._stats_counts.clear()
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return self.check_finite_loss(super().training_step(model, inputs, num_items_in_batch))
+
+    def check_finite_loss(self, loss):
+        """Return `loss` (a detached scalar) if finite; else raise `FloatingPointError` naming the step.
+
+        Called on every micro-batch. `Trainer` already reads the loss's finiteness on every step
+        (`logging_nan_inf_filter`), so this adds no device synchronisation. The loss is computed on
+        the batch gathered from all processes, so under DDP every rank raises at the same step.
+        """
+        step, micro_batch = self._loss_check_position
+        micro_batch = micro_batch + 1 if step == self.state.global_step else 1
+        self._loss_check_position = (self.state.global_step, micro_batch)
+        if torch.isfinite(loss).all():
+            return loss
+        output_dir = self.args.output_dir
+        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.float().mean().item()}) at optimizer step {self.state.global_step + 1} "
+            f"(micro-batch {micro_batch} of {self.args.gradient_accumulation_steps} in that step, epoch "
+            f"{self.state.epoch or 0:.2f}); training stopped before applying or checkpointing the step. Last "
+            f"checkpoint: {last or 'none'}. Look for NaN/Inf in that batch's inputs (e.g. teacher embeddings) or "
+            "lower the learning rate / use bf16 or fp32, then resume from the checkpoint."
+        )
+
+    def _save_checkpoint(self, model, trial):
+        """`Trainer._save_checkpoint`, made atomic: every process writes into
+        `<run_dir>/.checkpoint-N.partial/checkpoint-N` (a name `get_last_checkpoint` and checkpoint
+        rotation never match), then the saving process renames it to `<run_dir>/checkpoint-N`."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".{name}.partial")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a job killed mid-save
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._publish_checkpoint(staging, name, run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _publish_checkpoint(self, staging, name, run_dir):
+        # Inside super() the run dir was the staging folder: fix what it recorded there.
+        best_step = self.state.best_global_step
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}") if best_step else None
+        if best is not None and (best_step == self.state.global_step or os.path.isdir(best)):
+            self.state.best_model_checkpoint = best
+            self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+        publish_directory(os.path.join(staging, name), os.path.join(run_dir, name))
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial):
+        if self._checkpoint_staging_dir is not None:
+            return self._checkpoint_staging_dir
+        return super()._get_output_dir(trial)
 
     def unime_model(self):
         """The underlying [`UniMEModel`] (LoRA weights not merged)."""
