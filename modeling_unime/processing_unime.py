@@ -9,6 +9,7 @@ from transformers.utils import cached_file, is_torchvision_available
 from .inputs import check_text, load_image
 from .prompts import (
     CHAT_TEMPLATE_FAMILIES,
+    MMEB_IMAGE_PLACEHOLDER,
     default_prompt_templates,
     family_for_model_type,
     format_instruction_prompt,
@@ -258,6 +259,10 @@ class UniMEProcessor(ProcessorMixin):
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style={prompt_style!r}; expected one of {PROMPT_STYLES}")
         if instruction is not None or prompt_style == "instruction":
+            count = f"{instruction or ''} {text or ''}".count(MMEB_IMAGE_PLACEHOLDER)
+            if count > 1:  # each would become an image token, for one image at most
+                raise ValueError(f"text {text!r} (with its instruction) contains {MMEB_IMAGE_PLACEHOLDER} {count} "
+                                 "times; an item has at most one image")
             return format_instruction_prompt(self.prompt_templates, text, has_image, instruction)
         return format_summary_prompt(self.prompt_templates, text, has_image)
 
@@ -316,6 +321,4 @@ class UniMEProcessor(ProcessorMixin):
         for index, (item_text, item_image) in enumerate(zip(texts, image_list)):
             if item_text is None and item_image is None:
                 raise ValueError(f"item {index} has neither text nor image")
-            if item_text is not None:
-                check_text(item_text, f"text[{index}]")
         return texts, image_list

@@ -74,6 +74,8 @@ def load_table(
             f"cannot load {path!r}: unknown extension {extension!r}, "
             f"expected one of {sorted(_FILE_BUILDERS)} or a save_to_disk directory"
         )
+    if os.path.getsize(path) == 0:  # datasets' json builder would leak a bare StopIteration
+        raise ValueError(f"data file {path!r} is empty")
     try:
         return datasets.load_dataset(
             _FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir

@@ -78,7 +78,7 @@ RELOAD_SCRIPT = textwrap.dedent(
 def reload_in_fresh_process(checkpoint, items, expected, work_dir):
     """Load `checkpoint` with `AutoModel.from_pretrained(..., trust_remote_code=True)` in a new Python
     process that cannot import this project, embed `items`, and return the max abs difference."""
-    work_dir = Path(work_dir)
+    work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     script, items_file, out = work_dir / "reload.py", work_dir / "items.pt", work_dir / "reloaded.pt"
     script.write_text(RELOAD_SCRIPT)

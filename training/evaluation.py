@@ -229,10 +229,18 @@ def read_rows(path):
         return pq.read_table(path).to_pylist()
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            return [_json_line(line, path, number) for number, line in enumerate(handle, 1) if line.strip()]
     if path.suffix == ".json":
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _json_line(path.read_text(encoding="utf-8"), path, None)
     raise ValueError(f"cannot read {str(path)!r}: expected a .jsonl, .json or .parquet file")
+
+
+def _json_line(text, path, line_number):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:  # its own message does not say which file
+        where = f"{str(path)!r}" + (f" line {line_number}" if line_number is not None else "")
+        raise ValueError(f"cannot read {where}: not valid JSON ({error})") from error
 
 
 MMEB_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
