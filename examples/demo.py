@@ -32,6 +32,7 @@ NOTE = ("The demo model is tiny and trained from random weights: it validates th
 
 
 def run_demo(out_dir, settings):
+    out_dir = out_dir.resolve()  # the reload check runs in another working directory
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     data, cache = prepare_data(out_dir, settings)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,8 +74,8 @@ def stage2_trainer(args, output_dir):
     model, processor = tiny_unime("qwen2_vl")
     config = HardNegativeConfig(output_dir=str(output_dir), gradcache_chunk_size=2, image_size=28, **args)
     collator = MMEBCollator(processor, image_root=data, image_size=28, chunk_size=2)
-    return UniMEHardNegativeTrainer(model, config, processor=processor, train_dataset=load_mmeb_train(data / "pairs.jsonl"),
-                                    data_collator=collator)
+    train = load_mmeb_train(data / "pairs.jsonl")
+    return UniMEHardNegativeTrainer(model, config, processor=processor, train_dataset=train, data_collator=collator)
 
 
 def stall(output_dir, reason):
