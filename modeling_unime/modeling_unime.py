@@ -144,9 +144,19 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`."""
+        """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`,
+        and raises `ValueError` instead of randomly initialising weights missing from the checkpoint."""
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                              output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{str(pretrained_model_name_or_path)!r} is missing {len(missing)} weights (e.g. {missing[:5]}); "
+                "refusing to leave them randomly initialised"
+            )
+        return (model, info) if want_info else model
 
     @classmethod
     def from_backbone(cls, path_or_id, prompt_templates=None, **from_pretrained_kwargs):

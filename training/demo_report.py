@@ -64,10 +64,17 @@ def _curves(axis, history, keys, title):
 
 RELOAD_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
+    from pathlib import Path
     from transformers import AutoModel, AutoProcessor
     directory, items_file, out = sys.argv[1:4]
-    items = torch.load(items_file, weights_only=False)
+
+    def item(entry):
+        if "image" not in entry:
+            return entry["text"]
+        return {"image": Path(entry["image"]), "text": entry["text"]} if "text" in entry else Path(entry["image"])
+
+    items = [item(entry) for entry in json.loads(open(items_file).read())]
     model = AutoModel.from_pretrained(directory, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
     torch.save(model.encode(items, processor=processor), out)
@@ -75,16 +82,27 @@ RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
+def _item_record(item):
+    """A JSON-able record of an encode item given as str, Path or {"image": Path, "text": str}."""
+    if isinstance(item, str):
+        return {"text": item}
+    if isinstance(item, dict):
+        return {"image": str(Path(item["image"]).resolve()), "text": item["text"]}
+    return {"image": str(Path(item).resolve())}
+
+
 def reload_in_fresh_process(checkpoint, items, expected, work_dir):
     """Load `checkpoint` with `AutoModel.from_pretrained(..., trust_remote_code=True)` in a new Python
-    process that cannot import this project, embed `items`, and return the max abs difference."""
+    process that cannot import this project, embed `items` (texts, image paths, or
+    `{"image": path, "text": str}`), and return the max abs difference to `expected`."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    script, items_file, out = work_dir / "reload.py", work_dir / "items.pt", work_dir / "reloaded.pt"
+    script, items_file, out = work_dir / "reload.py", work_dir / "items.json", work_dir / "reloaded.pt"
     script.write_text(RELOAD_SCRIPT)
-    torch.save(items, items_file)
+    items_file.write_text(json.dumps([_item_record(item) for item in items]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work_dir / "modules"))
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work_dir / "modules"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     result = subprocess.run([sys.executable, str(script), str(Path(checkpoint).resolve()), str(items_file), str(out)],
                             cwd=work_dir, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
