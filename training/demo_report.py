@@ -66,6 +66,8 @@ RELOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
+    for _name in ("modeling_unime", "training"):  # as if this project were not installed
+        sys.modules[_name] = None
     from transformers import AutoModel, AutoProcessor
     directory, items_file, out = sys.argv[1:4]
 
