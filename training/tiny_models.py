@@ -7,6 +7,7 @@ ids match Qwen2-VL) with LLaVA's `<image>` and Llama-3 header tokens added, and 
 `*ForConditionalGeneration` layout, as released UniME checkpoints are stored.
 """
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -100,7 +101,7 @@ def _clip_vision(model_type="clip_vision_model"):
 
 def tiny_backbone_config(family, vocab_size, hidden_size=32):
     """A small random-weight config of `family`'s `*ForConditionalGeneration` model."""
-    tokenizer_ids = tiny_tokenizer_ids(vocab_size)
+    tokenizer_ids = tiny_tokenizer_ids()
     if family in ("qwen2_vl", "qwen2_5_vl"):
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
@@ -133,7 +134,9 @@ def tiny_backbone_config(family, vocab_size, hidden_size=32):
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def tiny_tokenizer_ids(vocab_size=None):
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer_ids():
+    """Ids of the added LLaVA / Llama-3 special tokens (read once; the ids never change)."""
     tokenizer = tiny_tokenizer()
     return {token: tokenizer.convert_tokens_to_ids(token) for token in EXTRA_SPECIAL_TOKENS}
 
