@@ -27,7 +27,8 @@ import torch
 from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .losses import KD_DIRECTIONS, distillation_loss
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig, embeddings_of
+from .gradcache import embed
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
 LANGUAGE_MODEL_MARKER = "language_model."
@@ -237,7 +238,7 @@ class UniMEDistillationTrainer(UniMETrainerBase):
         """KD loss of one micro-batch gathered over ranks; `inputs` are the collator's outputs."""
         inputs = dict(inputs)
         teacher = inputs.pop("teacher_embeddings")
-        student = embeddings_of(model, inputs)  # [n, d_s]
+        student = embed(model, inputs)  # [n, d_s]
         student_all = gather_with_grad(student)  # [N, d_s]
         teacher_all = gather_with_grad(teacher.to(student.device))  # [N, d_t]
         loss = distillation_loss(

@@ -182,12 +182,3 @@ class UniMETrainerBase(Trainer):
         if self.args.save_merged_model:
             self.save_merged()
         return output
-
-
-def embeddings_of(model, inputs):
-    """Run a UniME model (possibly LoRA/DDP-wrapped) on processor outputs -> `[batch_size, hidden_size]`."""
-    return model(**inputs).embeddings
-
-
-def detach_stats(tensor):
-    return tensor.detach().float() if torch.is_tensor(tensor) else tensor
