@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts only benchma
     sys.path.insert(0, str(REPO_ROOT))
 
 from modeling_unime import UniMEConfig, UniMEModel, UniMEProcessor  # noqa: E402
-from training.tiny_models import (  # noqa: E402
+from training.demo.tiny_models import (  # noqa: E402
     QWEN2_VL_CHAT_TEMPLATE,
     tiny_backbone_config,
     tiny_image_processor,

@@ -19,10 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.demo_pipeline import (  # noqa: E402
-    DemoSettings, evaluate, headline, new_model, prepare_data, record_run, run_stage1, run_stage2,
+from training.demo.pipeline import (  # noqa: E402
+    DemoSettings,
+    evaluate,
+    headline,
+    new_model,
+    prepare_data,
+    record_run,
+    run_stage1,
+    run_stage2,
 )
-from training.demo_report import markdown_table, plot_run, reload_in_fresh_process, write_json  # noqa: E402
+from training.demo.report import (  # noqa: E402
+    markdown_table,
+    plot_run,
+    reload_in_fresh_process,
+    write_json,
+)
 from training.lora import save_merged_model  # noqa: E402
 
 QUICK = dict(num_train_scenes=400, num_eval_scenes=60, stage1_steps=10, stage2_steps=300, stage1_batch_size=16,
@@ -85,7 +97,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     settings = DemoSettings(**QUICK) if args.quick else DemoSettings()
     if args.ablation:
-        from training.demo_ablation import run_ablation
+        from training.demo.ablation import run_ablation
 
         run_ablation(Path(args.output_dir) / "ablation", settings, args.seeds)
     else:

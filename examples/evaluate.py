@@ -17,7 +17,8 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
-from training.eval_suite import demo_suite_inputs, evaluate_suite  # noqa: E402
+from training.demo.data import demo_suite_inputs  # noqa: E402
+from training.eval_suite import evaluate_suite
 from training.evaluation import write_results  # noqa: E402
 
 
@@ -28,7 +29,7 @@ def load_model(args):
     if args.model:
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
         return model, AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    from training.tiny_models import tiny_unime
+    from training.demo.tiny_models import tiny_unime
 
     return tiny_unime("qwen2_vl")
 
@@ -55,7 +56,7 @@ def main(argv=None):
     inputs = {"mmeb": args.mmeb, "retrieval": args.retrieval, "compositional": args.compositional,
               "image_root": args.image_root}
     if args.demo:
-        from training.demo_data import build_demo_dataset
+        from training.demo.data import build_demo_dataset
 
         inputs = demo_suite_inputs(build_demo_dataset(args.demo_dir))
     results = evaluate_suite(model, processor, image_size=args.image_size, batch_size=args.batch_size,

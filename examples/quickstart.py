@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sklearn.datasets import load_sample_images  # noqa: E402
 from PIL import Image  # noqa: E402
+from sklearn.datasets import load_sample_images  # noqa: E402
 
 from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
 
@@ -24,7 +24,7 @@ def main():
         model = UniMEModel.from_backbone(args.backbone)
         processor = UniMEProcessor.from_backbone(args.backbone)
     else:
-        from training.tiny_models import tiny_unime
+        from training.demo.tiny_models import tiny_unime
 
         model, processor = tiny_unime("qwen2_vl")
     photo = Image.fromarray(load_sample_images().images[0]).resize((112, 84))

@@ -25,7 +25,11 @@ from trl import TrlParser  # noqa: E402
 
 from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
 from training.data import load_distillation_dataset, load_table, resolve_text_columns  # noqa: E402
-from training.distillation import DistillationConfig, UniMEDistillationTrainer, student_loading_kwargs  # noqa: E402
+from training.distillation import (  # noqa: E402
+    DistillationConfig,
+    UniMEDistillationTrainer,
+    student_loading_kwargs,
+)
 from training.teacher import build_teacher_cache  # noqa: E402
 
 TINY_PREFIX = "tiny:"
@@ -85,7 +89,7 @@ def backbone_path(args, training_args):
     """A `tiny:<family>` backbone is written as a real checkpoint, so it loads like any other."""
     if not args.backbone.startswith(TINY_PREFIX):
         return args.backbone
-    from training.tiny_models import save_tiny_backbone
+    from training.demo.tiny_models import save_tiny_backbone
 
     path = Path(training_args.output_dir) / "tiny_backbone"
     if PartialState().is_main_process and not (path / "config.json").exists():

@@ -71,7 +71,7 @@ def load_model(args):
     if not args.backbone:
         raise ValueError("give --backbone (path, Hub id or tiny:<family>) or --stage1_model")
     if args.backbone.startswith(TINY_PREFIX):
-        from training.tiny_models import tiny_unime
+        from training.demo.tiny_models import tiny_unime
 
         return tiny_unime(args.backbone[len(TINY_PREFIX):])
     return UniMEModel.from_backbone(args.backbone, **kwargs), UniMEProcessor.from_backbone(args.backbone)

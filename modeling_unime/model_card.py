@@ -10,7 +10,7 @@ The card is rendered from the config alone, so it always describes the files nex
   formatting, training details and evaluation results.
 
 Training and evaluation information are plain JSON data in the config, filled in by the training
-code (`training/model_card.py`) and carried from stage to stage by `save_pretrained`:
+code (`training/publishing.py`) and carried from stage to stage by `save_pretrained`:
 
 * `config.unime_training = {"base_model": str, "license": str, "stages": [stage, ...]}`, each stage a
   dict with `stage` (`"distillation"` or `"hard_negative"`, or any name) and optionally `datasets`

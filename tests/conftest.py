@@ -21,7 +21,7 @@ import torch  # noqa: E402
 # which slows tiny-model training by an order of magnitude on a loaded machine.
 torch.set_num_threads(1)
 
-from training.tiny_models import FAMILIES, save_tiny_backbone, tiny_unime  # noqa: E402
+from training.demo.tiny_models import FAMILIES, save_tiny_backbone, tiny_unime  # noqa: E402
 
 
 def drawn_image(seed, size=(48, 40)):

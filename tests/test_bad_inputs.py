@@ -36,7 +36,7 @@ from training.evaluation import evaluate_mmeb
 from training.hard_negative import HardNegativeConfig
 from training.mmeb_data import BadImageError, MMEBCollator, load_mmeb_train
 from training.teacher import build_teacher_cache
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

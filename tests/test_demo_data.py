@@ -1,4 +1,4 @@
-"""Tests for training/demo_data.py: determinism, idempotency, split disjointness, the compositional
+"""Tests for training/demo/data.py: determinism, idempotency, split disjointness, the compositional
 negatives' edits, and that the evaluation harness scores an oracle encoder perfectly on the files."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.demo_data import (
+from training.demo.data import (
     CLASS_LABELS,
     COLOURS,
     SHAPES,

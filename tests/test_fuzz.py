@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 # The backbone processor's image / video tokens: inside a user text they would not match the images.
 PLACEHOLDERS = {"qwen2_vl": ("<|image_pad|>", "<|video_pad|>"), "llava_onevision": ("<image>", "<video>")}

@@ -18,7 +18,7 @@ import torch
 from training.gradcache import RandContext, gradcache_step
 from training.lora import add_lora, unwrap_unime
 from training.losses import hard_negative_infonce_loss
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 from conftest import drawn_image  # noqa: I001
 

@@ -22,10 +22,10 @@ from transformers import Trainer, TrainingArguments
 from modeling_unime.model_card import GENERATED_MARKER
 from tests.fake_hub import fake_hub, point_hub_clients_at  # noqa: F401  (fake_hub is the fixture)
 from tests.test_fake_hub import closed_loopback_port
-from training.hub import push_merged_model
+from training.publishing import push_merged_model
 from training.lora import add_lora
-from training.model_card import record_eval_results, record_training_stage
-from training.tiny_models import tiny_unime
+from training.publishing import record_eval_results, record_training_stage
+from training.demo.tiny_models import tiny_unime
 
 REPO = "user/unime-tiny"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from training.mmeb_data import (
     missing_image_files,
     mix_subsets,
 )
-from training.tiny_models import tiny_processor
+from training.demo.tiny_models import tiny_processor
 
 CLASSIFY = "<|image_1|> Represent the given image for classification."
 

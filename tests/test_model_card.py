@@ -1,5 +1,5 @@
 """Model cards of UniME checkpoints (modeling_unime/model_card.py) and the training records they render
-(training/model_card.py): metadata, sections, the usage snippet run against a saved checkpoint, README policy."""
+(training/publishing.py): metadata, sections, the usage snippet run against a saved checkpoint, README policy."""
 
 import json
 import os
@@ -12,13 +12,13 @@ from PIL import Image
 from modeling_unime.model_card import GENERATED_MARKER, LOCAL_MODEL_ID, build_model_card, write_model_card
 from tests.test_hub import run_fresh_python, snippet_inputs
 from training.distillation import DistillationConfig
-from training.model_card import (
+from training.publishing import (
     recipe_hyperparameters,
     record_eval_results,
     record_training_stage,
     stage_record,
 )
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 RUN_SNIPPET = """
 import sys, torch

@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText
 from modeling_unime import UniMEConfig, UniMEModel, UniMEProcessor
 from modeling_unime.modeling_unime import last_token_positions
 from modeling_unime.processing_unime import load_image_processor
-from training.tiny_models import save_tiny_backbone, tiny_unime
+from training.demo.tiny_models import save_tiny_backbone, tiny_unime
 
 TEXTS = ["a dog runs on the beach", "two cats", "a red square left of a blue circle under the morning sky"]
 
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_and_training_forward(qwen2_vl_model, images):
 
 
 def test_pickled_weights_are_refused_unless_opted_in(tmp_path):
-    from training.tiny_models import tiny_generation_model
+    from training.demo.tiny_models import tiny_generation_model
 
     directory = save_tiny_backbone("qwen2_vl", tmp_path / "pickled")
     (directory / "model.safetensors").unlink()

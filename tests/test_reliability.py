@@ -33,7 +33,7 @@ from training.distillation import DistillationConfig, UniMEDistillationTrainer
 from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
 from training.lora import save_atomically
 from training.mmeb_data import MMEBCollator, load_mmeb_train
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESUME_SCRIPT = REPO_ROOT / "tests" / "scripts" / "resume_run.py"
@@ -164,7 +164,7 @@ SLOW_MERGED_SAVE = textwrap.dedent(
     import transformers.modeling_utils as modeling_utils
     sys.path.insert(0, sys.argv[1])
     from training.lora import add_lora, save_merged_model
-    from training.tiny_models import tiny_unime
+    from training.demo.tiny_models import tiny_unime
 
     target = Path(sys.argv[2])
     model, processor = tiny_unime("qwen2_vl")

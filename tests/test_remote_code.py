@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 LOAD_AND_ENCODE = textwrap.dedent(
     """

@@ -13,7 +13,7 @@ from modeling_unime.model_card import LOCAL_MODEL_ID
 from tests.fake_hub import fake_hub  # noqa: F401  (the fixture)
 from tests.test_hub import run_fresh_python, snippet_inputs
 from tests.test_model_card import RUN_SNIPPET, python_blocks
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 SentenceTransformer = sentence_transformers.SentenceTransformer

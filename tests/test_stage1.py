@@ -34,7 +34,7 @@ from training.distillation import (
 )
 from training.losses import distillation_loss
 from training.teacher import build_teacher_cache, embed_texts
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRIPLET_COLUMNS = ("sent0", "sent1", "hard_neg")

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
 from training.losses import hard_negative_infonce_loss
 from training.mmeb_data import MMEBCollator, load_mmeb_train
-from training.tiny_models import tiny_unime
+from training.demo.tiny_models import tiny_unime
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 import training.teacher as teacher_module
+import training.teacher_cache as teacher_cache_module
 from training.data import load_table
 from training.teacher import (
     build_teacher_cache,
@@ -316,7 +317,7 @@ def test_failed_write_leaves_no_file(tmp_path, pairs, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(teacher_module, "save_file", failing_save)
+    monkeypatch.setattr(teacher_cache_module, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         build(pairs, RecordingTeacher(), path)
     assert list(tmp_path.iterdir()) == []

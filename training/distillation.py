@@ -26,8 +26,8 @@ import torch
 
 from .data import DistillationCollator
 from .distributed import gather_with_grad
-from .losses import KD_DIRECTIONS, distillation_loss
 from .gradcache import embed
+from .losses import KD_DIRECTIONS, distillation_loss
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.

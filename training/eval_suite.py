@@ -1,7 +1,13 @@
 """Run several evaluation tasks on one model: what `examples/evaluate.py`, the demo and the
 training callback share."""
 
-from .evaluation import encoder_from_model, evaluate_compositional, evaluate_mmeb, evaluate_retrieval, read_rows
+from .evaluation import (
+    encoder_from_model,
+    evaluate_compositional,
+    evaluate_mmeb,
+    evaluate_retrieval,
+    read_rows,
+)
 
 TASKS = ("mmeb", "retrieval", "compositional")
 
@@ -38,21 +44,3 @@ def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=No
         results["compositional"] = evaluate_compositional(rows, encode_fn, image_root=image_root,
                                                           image_size=image_size, image_instruction=image_instruction)
     return results
-
-
-def demo_suite_inputs(dataset, instruction_prompts=True):
-    """`evaluate_suite` keyword arguments for the held-out split of a built demo data set.
-
-    With `instruction_prompts`, retrieval and compositional tasks use the demo's MMEB-style
-    instructions (those stage 2 trains with); otherwise the paper's zero-shot summary prompts.
-    """
-    from .demo_data import I2T_QUERY, IMAGE_TARGET, T2I_QUERY
-
-    instructions = {"image_query": I2T_QUERY, "text_query": T2I_QUERY, "image_target": IMAGE_TARGET}
-    return {
-        "instructions": instructions if instruction_prompts else None,
-        "mmeb": {name: path for name, path in dataset.mmeb_eval_files.items()},
-        "retrieval": dataset.retrieval_eval,
-        "compositional": dataset.compositional_eval,
-        "image_root": dataset.image_root,
-    }

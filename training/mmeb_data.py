@@ -35,7 +35,7 @@ from PIL import Image
 from modeling_unime.inputs import load_image
 from modeling_unime.prompts import MMEB_IMAGE_PLACEHOLDER
 
-from .data import load_table
+from .tables import load_table
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -31,20 +30,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import cached_file
 
 from modeling_unime.modeling_unime import pool_last_token
-from training.data import column_texts, load_table, resolve_text_columns
+
+from .tables import column_texts, load_table, resolve_text_columns
+from .teacher_cache import (  # noqa: F401 (public here too)
+    CACHE_FORMAT,
+    load_teacher_cache,
+    metadata_differences,
+    read_cache_metadata,
+    save_cache_atomically,
+    text_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
 POOLING_MODES = ("mean", "cls", "lasttoken")
 DEFAULT_MAX_LENGTH = 512
-CACHE_FORMAT = "unime-teacher-cache/1"
 # sentence-transformers modules that an AutoModel forward + our pooling + L2 norm reproduces.
 _REPRODUCIBLE_ST_MODULES = ("Transformer", "Pooling", "Normalize")
 _ST_POOLING_FLAGS = {
@@ -298,69 +303,6 @@ def embed_texts(
     return F.normalize(embeddings, dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------
-
-
-def text_fingerprint(texts: Sequence[str]) -> str:
-    """sha256 of `texts` in order; each text is length-prefixed so `["ab", "c"] != ["a", "bc"]`."""
-    digest = hashlib.sha256()
-    for text in texts:
-        encoded = text.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()
-
-
-def read_cache_metadata(path: str | os.PathLike) -> dict:
-    """Metadata of a teacher cache: teacher, pooling, query_prefix, max_length, num_rows,
-    dimension, columns (list) and fingerprints (column -> sha256)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"teacher cache {os.fspath(path)!r} does not exist")
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from None
-    if raw.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a teacher cache (format {raw.get('format')})")
-    metadata = {k: raw[k] for k in ("teacher", "pooling", "query_prefix")}
-    metadata.update({k: int(raw[k]) for k in ("max_length", "num_rows", "dimension")})
-    metadata.update({k: json.loads(raw[k]) for k in ("columns", "fingerprints")})
-    return metadata
-
-
-def _metadata_differences(stored: dict, expected: dict) -> list[str]:
-    """What differs between a cache's metadata and the expected values (only keys in `expected`)."""
-    differences = [
-        f"{key}: cache has {stored[key]!r}, expected {value!r}"
-        for key, value in expected.items()
-        if key != "fingerprints" and stored[key] != value
-    ]
-    for column, fingerprint in expected.get("fingerprints", {}).items():
-        if stored["fingerprints"].get(column, fingerprint) != fingerprint:
-            differences.append(
-                f"texts of column {column!r} differ from those the cache was built from "
-                "(changed text or row order)"
-            )
-    return differences
-
-
-def _save_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
-    # Write next to the target then rename: a crash or error never leaves a truncated cache that a
-    # later run would trust.
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def build_teacher_cache(
     dataset,
     columns: Sequence[str] | None,
@@ -406,7 +348,7 @@ def build_teacher_cache(
         "fingerprints": {column: text_fingerprint(texts[column]) for column in columns},
     }
     if os.path.exists(path) and not overwrite:
-        differences = _metadata_differences(read_cache_metadata(path), expected)
+        differences = metadata_differences(read_cache_metadata(path), expected)
         if differences:
             raise ValueError(
                 f"teacher cache {path!r} exists but was built differently: "
@@ -424,69 +366,12 @@ def build_teacher_cache(
     tensors = {c: e.contiguous() for c, e in zip(columns, embeddings.split(len(dataset)))}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in expected.items()}
     metadata.update(format=CACHE_FORMAT, dimension=str(embeddings.shape[1]))
-    _save_atomically(tensors, metadata, path)
+    save_cache_atomically(tensors, metadata, path)
     logger.info(
         "Wrote teacher cache %s (%d rows, dim %d, columns %s)",
         path, len(dataset), embeddings.shape[1], columns,
     )
     return tensors
-
-
-def load_teacher_cache(
-    path: str | os.PathLike, dataset=None, columns: Sequence[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Read a teacher cache: `{column: float32 Tensor [num_rows, D]}`.
-
-    With `dataset`, every requested column must exist there with exactly the texts (same order) the
-    cache was built from, so that row `i` of the cache belongs to row `i` of the dataset.
-
-    Raises:
-        ValueError: naming the column and the mismatch (not in the cache or the dataset, another
-            number of rows, changed texts), or a stored tensor that disagrees with the metadata
-            (shape, dtype) or holds NaN/Inf.
-    """
-    metadata = read_cache_metadata(path)
-    columns = list(metadata["columns"]) if columns is None else list(columns)
-    missing = [column for column in columns if column not in metadata["columns"]]
-    if missing:
-        raise ValueError(
-            f"columns {missing} are not in teacher cache {os.fspath(path)!r}; "
-            f"it has {metadata['columns']}"
-        )
-    if dataset is not None:
-        dataset = load_table(dataset)
-        resolve_text_columns(dataset, columns)
-        fingerprints = {c: text_fingerprint(column_texts(dataset, c)) for c in columns}
-        expected = {"num_rows": len(dataset), "fingerprints": fingerprints}
-        differences = _metadata_differences(metadata, expected)
-        if differences:
-            raise ValueError(
-                f"teacher cache {os.fspath(path)!r} does not match the dataset: "
-                f"{'; '.join(differences)}. Rebuild it with build_teacher_cache."
-            )
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        stored = set(handle.keys())
-        tensors = {column: handle.get_tensor(column) for column in columns if column in stored}
-    for column in columns:
-        _check_cached_embeddings(path, column, tensors.get(column), metadata)
-    return tensors
-
-
-def _check_cached_embeddings(path, column: str, embeddings, metadata: dict) -> None:
-    """A damaged or hand-edited cache must fail here, naming the column, not as a shape error in training."""
-    expected = (metadata["num_rows"], metadata["dimension"])
-    where = f"teacher cache {os.fspath(path)!r}, column {column!r}"
-    if embeddings is None:
-        raise ValueError(f"{where}: listed in the metadata but the file holds no such tensor; rebuild the cache")
-    if tuple(embeddings.shape) != expected or not embeddings.is_floating_point():
-        raise ValueError(
-            f"{where}: holds a {embeddings.dtype} tensor of shape {tuple(embeddings.shape)}, expected floats of "
-            f"shape [num_rows, dimension] = {list(expected)} as its metadata says; rebuild the cache"
-        )
-    not_finite = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten()
-    if len(not_finite):
-        raise ValueError(f"{where}: the embedding of row {not_finite[0].item()} is not finite (NaN/Inf); "
-                         "rebuild the cache")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,20 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    get_last_checkpoint,
+    rotate_checkpoints,
+)
 
-from .lora import LANGUAGE_MODEL_LINEAR_LAYERS, add_lora, publish_directory, save_merged_model, unwrap_unime
+from .lora import (
+    LANGUAGE_MODEL_LINEAR_LAYERS,
+    add_lora,
+    publish_directory,
+    save_merged_model,
+    unwrap_unime,
+)
+from .publishing import push_merged_model
 
 
 @dataclass
@@ -167,7 +178,6 @@ class UniMETrainerBase(Trainer):
         `AutoModel.from_pretrained(repo, trust_remote_code=True)`, so the merged model goes up instead.
         Returns the commit info (None on processes other than the main one).
         """
-        from .hub import push_merged_model
 
         return push_merged_model(self, token=token, revision=revision, commit_message=commit_message,
                                  tags=kwargs.get("tags"))

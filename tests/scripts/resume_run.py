@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from training.distillation import DistillationConfig, UniMEDistillationTrainer  # noqa: E402
 from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer  # noqa: E402
 from training.mmeb_data import MMEBCollator, load_mmeb_train  # noqa: E402
-from training.tiny_models import tiny_unime  # noqa: E402
+from training.demo.tiny_models import tiny_unime  # noqa: E402
 
 NUM_ROWS = 10
 COMMON = dict(use_cpu=True, report_to=[], disable_tqdm=True, per_device_train_batch_size=4, learning_rate=5e-3,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from training.distillation import DistillationConfig, DistillationDataCollator, UniMEDistillationTrainer  # noqa: E402
 from training.losses import distillation_loss  # noqa: E402
-from training.tiny_models import tiny_unime  # noqa: E402
+from training.demo.tiny_models import tiny_unime  # noqa: E402
 
 SHARDS = (3, 2)
 KD = {"kd_temperature": 0.1, "kd_direction": "forward", "kd_mask_diagonal": True}

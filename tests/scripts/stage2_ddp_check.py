@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer  # noqa: E402
 from training.losses import hard_negative_infonce_loss  # noqa: E402
 from training.mmeb_data import MMEBCollator, load_mmeb_train  # noqa: E402
-from training.tiny_models import tiny_unime  # noqa: E402
+from training.demo.tiny_models import tiny_unime  # noqa: E402
 
 SHARDS = (5, 3)
 LOSS = {"contrastive_temperature": 0.05, "num_hard_negatives": 3, "false_negative_margin": 0.05}

@@ -344,3 +344,19 @@ def _complete(paths, scenes):
     files = [paths.scenes, paths.stage1_train, paths.mmeb_train, paths.retrieval_train, paths.retrieval_eval,
              paths.compositional_eval, *paths.mmeb_eval_files.values()]
     return all(p.exists() for p in files) and all((paths.image_root / s.image_path).exists() for s in scenes)
+
+
+def demo_suite_inputs(dataset, instruction_prompts=True):
+    """`evaluate_suite` keyword arguments for the held-out split of a built demo data set.
+
+    With `instruction_prompts`, retrieval and compositional tasks use the demo's MMEB-style
+    instructions (those stage 2 trains with); otherwise the paper's zero-shot summary prompts.
+    """
+    instructions = {"image_query": I2T_QUERY, "text_query": T2I_QUERY, "image_target": IMAGE_TARGET}
+    return {
+        "instructions": instructions if instruction_prompts else None,
+        "mmeb": {name: path for name, path in dataset.mmeb_eval_files.items()},
+        "retrieval": dataset.retrieval_eval,
+        "compositional": dataset.compositional_eval,
+        "image_root": dataset.image_root,
+    }

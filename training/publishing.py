@@ -1,4 +1,7 @@
-"""What the model card says about training and evaluation: records stored in the model's config.
+"""Publishing a training run: the model-card records of what was trained and evaluated, and the
+push of the LoRA-merged model to the Hub.
+
+What the model card says about training and evaluation: records stored in the model's config.
 
 `modeling_unime/model_card.py` renders `config.unime_training` and `config.unime_eval_results`;
 this module builds them from a trainer's arguments and state. The records are plain JSON data, so
@@ -10,6 +13,13 @@ record = trainer_stage_record(trainer, "distillation", datasets=["sentence-trans
 record_training_stage(trainer.unime_model(), record, base_model="Qwen/Qwen2-VL-2B-Instruct")
 record_eval_results(model, {"MMEB": {"average": 0.66}})   # training.evaluation's {task: {metric: value}}
 ```
+
+Pushing the result of a UniME training run to the Hub: the LoRA-merged model, never adapters alone.
+
+The trainers' `--push_to_hub --hub_model_id` end here. The pushed repo is a standalone UniME
+checkpoint (weights with LoRA merged, config with `auto_map`, the modeling code, the processor files,
+sentence-transformers files) and its model card, which renders the training stages and evaluation
+results recorded in the config (see above).
 """
 
 import copy
@@ -17,13 +27,16 @@ import dataclasses
 import enum
 import json
 import numbers
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from modeling_unime.hub import create_repo, push_checkpoint
 from modeling_unime.model_card import EVAL_ATTRIBUTE, TRAINING_ATTRIBUTE
 
-from .lora import unwrap_unime
+from .lora import save_merged_model, unwrap_unime
 
 KNOWN_STAGES = ("distillation", "hard_negative")
 
@@ -155,3 +168,65 @@ def record_eval_results(model, results):
     merged = {**copy.deepcopy(getattr(config, EVAL_ATTRIBUTE, None) or {}), **clean}
     setattr(config, EVAL_ATTRIBUTE, merged)
     return merged
+
+
+DEFAULT_COMMIT_MESSAGE = "Upload UniME model (LoRA merged)"
+
+
+def _hub_settings(trainer, repo_id, token, private, revision):
+    """Fill unset push settings from the trainer's `hub_*` arguments, as `Trainer.push_to_hub` does."""
+    args = trainer.args
+    repo_id = repo_id or args.hub_model_id or Path(args.output_dir).name
+    token = token if token is not None else args.hub_token
+    private = private if private is not None else args.hub_private_repo
+    revision = revision if revision is not None else getattr(args, "hub_revision", None)
+    return repo_id, token, private, revision
+
+
+def push_merged_model(trainer_or_model, processor=None, repo_id=None, *, checkpoint_dir=None, eval_results=None,
+                      token=None, private=None, revision=None, create_pr=False, commit_message=DEFAULT_COMMIT_MESSAGE,
+                      tags=None):
+    """Push a trained UniME model, LoRA merged, with its processor and model card.
+
+    Args:
+        trainer_or_model: a UniME `Trainer` (its model, processor and `hub_model_id` / `hub_token` /
+            `hub_private_repo` / `hub_revision` arguments are used), or a [`UniMEModel`], possibly
+            LoRA-wrapped.
+        processor ([`UniMEProcessor`], *optional*): required with a model; defaults to the trainer's.
+        repo_id (`str`, *optional*): target repo; defaults to the trainer's `hub_model_id`, else the
+            name of its `output_dir`. Required with a model.
+        checkpoint_dir (`str`, *optional*): an already saved merged checkpoint (e.g. the trainer's
+            `<output_dir>/merged`) to upload as it is; otherwise the model is merged and saved to a
+            temporary folder first (the live weights are not modified, so training can go on).
+        eval_results (`dict`, *optional*): `{task: {metric: value}}` to record in the config first (only
+            used when saving, not with `checkpoint_dir`).
+        token, private, revision, create_pr, commit_message, tags: as in `push_to_hub`.
+
+    Returns:
+        `huggingface_hub.CommitInfo`, or `None` on processes other than the main one (they push nothing).
+
+    Raises:
+        ConnectionError: the Hub cannot be reached (raised before anything is saved or uploaded).
+    """
+    if isinstance(trainer_or_model, Trainer):
+        trainer = trainer_or_model
+        if not trainer.is_world_process_zero():
+            return None
+        repo_id, token, private, revision = _hub_settings(trainer, repo_id, token, private, revision)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        processor = processor or getattr(trainer, "processor", None) or trainer.processing_class
+    else:
+        model = trainer_or_model
+        if repo_id is None:
+            raise ValueError("push_merged_model(model, processor, repo_id): repo_id is required with a model")
+    if processor is None and checkpoint_dir is None:
+        raise ValueError("push_merged_model needs the model's UniMEProcessor (processor=...)")
+    repo_id = create_repo(repo_id, private=private, token=token)  # fail fast, before merging and saving
+    push_kwargs = dict(commit_message=commit_message, token=token, revision=revision, create_pr=create_pr, tags=tags)
+    if checkpoint_dir is not None:
+        return push_checkpoint(checkpoint_dir, repo_id, **push_kwargs)
+    if eval_results:
+        record_eval_results(model, eval_results)
+    with tempfile.TemporaryDirectory(prefix="unime-merged-push-") as staging:
+        folder = save_merged_model(model, processor, Path(staging) / "merged")
+        return push_checkpoint(folder, repo_id, **push_kwargs)

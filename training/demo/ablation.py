@@ -8,8 +8,15 @@ import statistics
 import time
 from pathlib import Path
 
-from .demo_pipeline import evaluate, headline, new_model, prepare_data, run_stage1, run_stage2
-from .demo_report import HEADLINE_COLUMNS, markdown_table, write_json
+from .pipeline import (
+    evaluate,
+    headline,
+    new_model,
+    prepare_data,
+    run_stage1,
+    run_stage2,
+)
+from .report import HEADLINE_COLUMNS, markdown_table, write_json
 
 # (row name, run stage 1, stage-2 overrides or None for no stage 2)
 ABLATION_ROWS = (

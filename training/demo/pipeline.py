@@ -12,15 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .data import load_distillation_dataset, load_table
-from .demo_data import build_demo_dataset
-from .distillation import DistillationConfig, UniMEDistillationTrainer
-from .eval_suite import demo_suite_inputs, evaluate_suite
-from .hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
-from .lora import unwrap_unime
-from .mmeb_data import MMEBCollator, load_mmeb_train
-from .model_card import record_eval_results, record_training_stage, trainer_stage_record
-from .teacher import build_teacher_cache
+from ..data import load_distillation_dataset, load_table
+from ..distillation import DistillationConfig, UniMEDistillationTrainer
+from ..eval_suite import evaluate_suite
+from ..hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
+from ..lora import unwrap_unime
+from ..mmeb_data import MMEBCollator, load_mmeb_train
+from ..publishing import (
+    record_eval_results,
+    record_training_stage,
+    trainer_stage_record,
+)
+from ..teacher import build_teacher_cache
+from .data import build_demo_dataset, demo_suite_inputs
 from .tiny_models import tiny_unime
 
 logger = logging.getLogger(__name__)
