@@ -4,6 +4,11 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .prompts import family_for_model_type
 
+# MMEB writes one retrieval instruction per task ("Retrieve an image of this news caption.", ...); this
+# is a task-neutral one in the same style. Documents are embedded without an instruction, as in MMEB.
+DEFAULT_QUERY_INSTRUCTION = "Retrieve the image or passage that matches this query:"
+DEFAULT_PROMPTS = {"query": DEFAULT_QUERY_INSTRUCTION, "document": ""}
+
 
 class UniMEConfig(PretrainedConfig):
     r"""
@@ -23,9 +28,16 @@ class UniMEConfig(PretrainedConfig):
         prompt_templates (`dict[str, str]`, *optional*):
             The templates the processor applies (`text`, `image`, `fused`, `image_token`), recorded with
             the checkpoint so a saved model documents how its inputs were formatted.
-        max_length (`int`, *optional*):
-            Longest accepted tokenised input; longer items are refused with a `ValueError`. Defaults
-            to the backbone language model's `max_position_embeddings`.
+        max_sequence_tokens (`int`, *optional*):
+            Longest formatted input in tokens (prompt template and image tokens included). `encode` cuts
+            the user's text to fit, never the template or an image. Defaults to the backbone language
+            model's `max_position_embeddings`. The old name `max_length` is still read (from the
+            constructor and from older `config.json` files): transformers treats a config attribute
+            named `max_length` as a generation parameter and refuses to save it.
+        prompts (`dict[str, str]`, *optional*):
+            Named instructions for `encode(prompt_name=...)`, `encode_query` and `encode_document` (an
+            empty string means no instruction). Defaults to an MMEB-style retrieval instruction for
+            `"query"` and none for `"document"`; also written to `config_sentence_transformers.json`.
 
     Example:
 
@@ -48,9 +60,22 @@ class UniMEConfig(PretrainedConfig):
         pooling="last",
         normalize=True,
         prompt_templates=None,
-        max_length=None,
+        max_sequence_tokens=None,
+        prompts=None,
         **kwargs,
     ):
+        # Checkpoints and code written before the rename spell it `max_length`.
+        legacy_max_length = kwargs.pop("max_length", None)
+        if max_sequence_tokens is None:
+            max_sequence_tokens = legacy_max_length
+        if max_sequence_tokens is not None and (
+            isinstance(max_sequence_tokens, bool) or not isinstance(max_sequence_tokens, int) or max_sequence_tokens < 1
+        ):
+            raise ValueError(f"max_sequence_tokens must be a positive int or None, got {max_sequence_tokens!r}")
+        prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
+        for name, prompt in prompts.items():
+            if not isinstance(name, str) or not isinstance(prompt, str):
+                raise ValueError(f"prompts must map str names to str instructions, got {name!r}: {prompt!r}")
         if isinstance(backbone_config, dict):
             if "model_type" not in backbone_config:
                 raise ValueError("backbone_config dict needs a 'model_type' key naming the backbone")
@@ -68,7 +93,8 @@ class UniMEConfig(PretrainedConfig):
         self.pooling = pooling
         self.normalize = normalize
         self.prompt_templates = prompt_templates
-        self.max_length = max_length
+        self.max_sequence_tokens = max_sequence_tokens
+        self.prompts = prompts
 
     @property
     def text_hidden_size(self):
@@ -78,7 +104,7 @@ class UniMEConfig(PretrainedConfig):
 
     @property
     def max_sequence_length(self):
-        """`max_length` if set, else the language model's `max_position_embeddings`."""
-        if self.max_length is not None:
-            return self.max_length
+        """`max_sequence_tokens` if set, else the language model's `max_position_embeddings`."""
+        if self.max_sequence_tokens is not None:
+            return self.max_sequence_tokens
         return getattr(self.backbone_config.get_text_config(), "max_position_embeddings", None)

@@ -78,7 +78,7 @@ class UniMEPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             write_model_card(self.config, save_directory)
-            write_sentence_transformers_files(save_directory)
+            write_sentence_transformers_files(save_directory, self.config)
             if push_kwargs is not None:
                 push_checkpoint(save_directory, **push_kwargs)
 
@@ -107,19 +107,46 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         self._no_split_modules = list(getattr(self.backbone, "_no_split_modules", None) or [])
         self.post_init()
 
+    @property
+    def processor(self):
+        """The [`UniMEProcessor`] `encode` uses by default: set by `from_backbone`, or loaded once, on first
+        use, from the folder or Hub repo `from_pretrained` read (same revision, token and cache)."""
+        if self.__dict__.get("_processor") is None:
+            self.__dict__["_processor"] = self._load_own_processor()
+        return self.__dict__["_processor"]
+
+    @processor.setter
+    def processor(self, processor):
+        self.__dict__["_processor"] = processor
+
+    def _load_own_processor(self):
+        from .processing_unime import UniMEProcessor
+
+        source, hub_kwargs = self.__dict__.get("_processor_source") or (None, {})
+        advice = ("pass processor=UniMEProcessor.from_pretrained(<checkpoint>) (or UniMEProcessor.from_backbone("
+                  "<backbone checkpoint>)) to encode, or set model.processor once")
+        if source is None:
+            raise ValueError(f"this UniMEModel was not loaded from a checkpoint, so it has no processor: {advice}")
+        try:
+            return UniMEProcessor.from_pretrained(source, **hub_kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"could not load the processor saved with {source!r} ({error}); {advice}") from error
+
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value):
         self.backbone.set_input_embeddings(value)
 
-    def forward(self, input_ids=None, attention_mask=None, output_last_hidden_state=False, **backbone_inputs):
+    def forward(self, input_ids=None, attention_mask=None, output_last_hidden_state=False, normalize=None,
+                **backbone_inputs):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `[batch_size, sequence_length]`): from [`UniMEProcessor`].
             attention_mask (`torch.LongTensor` of shape `[batch_size, sequence_length]`): 1 for real tokens;
                 left or right padding give the same embeddings.
             output_last_hidden_state (`bool`): also return the backbone's final hidden states.
+            normalize (`bool`, *optional*): L2-normalise the embeddings; defaults to `config.normalize`.
             **backbone_inputs: image inputs of the backbone (`pixel_values`, `image_grid_thw`,
                 `image_sizes`, `mm_token_type_ids`, ...), passed through unchanged.
 
@@ -135,7 +162,7 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **backbone_inputs)
         hidden_states = outputs.last_hidden_state
         embeddings = pool_last_token(hidden_states, attention_mask)
-        if self.config.normalize:
+        if self.config.normalize if normalize is None else normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return UniMEModelOutput(
             embeddings=embeddings,
@@ -156,6 +183,9 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
                 f"{str(pretrained_model_name_or_path)!r} is missing {len(missing)} weights (e.g. {missing[:5]}); "
                 "refusing to leave them randomly initialised"
             )
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
+                                             "force_download", "proxies") if kwargs.get(k) is not None}
+        model.__dict__["_processor_source"] = (str(pretrained_model_name_or_path), hub_kwargs)
         return (model, info) if want_info else model
 
     @classmethod
@@ -190,20 +220,24 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
             )
         backbone = generation_model.model
         del generation_model
-        if prompt_templates is None:
-            prompt_templates = _templates_from_checkpoint(path_or_id, hub_kwargs)
+        processor = _processor_from_checkpoint(path_or_id, prompt_templates, hub_kwargs)
+        if prompt_templates is None and processor is not None:
+            prompt_templates = processor.prompt_templates
         config = UniMEConfig(backbone_config=backbone.config, prompt_templates=prompt_templates)
         config._name_or_path = str(path_or_id)
         config._attn_implementation_internal = backbone.config._attn_implementation
         model = cls(config, backbone=backbone)
+        model.processor = processor
         return model.to(backbone.dtype).eval()
 
 
-def _templates_from_checkpoint(path_or_id, hub_kwargs):
+def _processor_from_checkpoint(path_or_id, prompt_templates, hub_kwargs):
+    """The checkpoint's processor with UniME's templates, or None (with a warning) when its files are missing."""
     from .processing_unime import UniMEProcessor
 
     try:
-        return UniMEProcessor.from_backbone(path_or_id, **hub_kwargs).prompt_templates
+        return UniMEProcessor.from_backbone(path_or_id, prompt_templates=prompt_templates, **hub_kwargs)
     except (OSError, ValueError, TypeError) as error:
-        logger.warning(f"Could not read processor files from {path_or_id!r} ({error}); prompt_templates left unset.")
+        logger.warning(f"Could not read processor files from {path_or_id!r} ({error}); prompt_templates left unset "
+                       "and encode needs processor=.")
         return None

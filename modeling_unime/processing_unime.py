@@ -87,6 +87,14 @@ def _read_chat_template(path_or_id, tokenizer, **hub_kwargs):
     return template or getattr(tokenizer, "chat_template", None)
 
 
+def _backbone_config(path_or_id, **hub_kwargs):
+    """The backbone config recorded in a UniME checkpoint's config.json (a bare config when there is none)."""
+    backbone = dict(_read_optional_json(path_or_id, "config.json", **hub_kwargs).get("backbone_config") or {})
+    if "model_type" not in backbone:
+        return transformers.PretrainedConfig()
+    return transformers.AutoConfig.for_model(backbone.pop("model_type"), **backbone)
+
+
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
 INIT_SETTINGS = ("backbone_family", "prompt_templates", "backbone_processor_kwargs")
 
@@ -196,7 +204,9 @@ class UniMEProcessor(ProcessorMixin):
         if "backbone_family" not in settings:
             raise ValueError(f"{path!r} has no UniME processor_config.json; use UniMEProcessor.from_backbone for "
                              "a backbone checkpoint")
-        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+        # The folder's config.json is UniME's (remote code): read by AutoTokenizer, it would prompt for
+        # `trust_remote_code` on a terminal and warn about the model type. Hand it the backbone's config.
+        tokenizer = AutoTokenizer.from_pretrained(path, config=_backbone_config(path, **hub_kwargs), **hub_kwargs)
         init = {k: settings[k] for k in INIT_SETTINGS if k in settings}
         init.update({k: kwargs[k] for k in INIT_SETTINGS if k in kwargs})
         return cls(
@@ -266,7 +276,8 @@ class UniMEProcessor(ProcessorMixin):
             return format_instruction_prompt(self.prompt_templates, text, has_image, instruction)
         return format_summary_prompt(self.prompt_templates, text, has_image)
 
-    def __call__(self, text=None, images=None, prompt_style="summary", instruction=None, **kwargs):
+    def __call__(self, text=None, images=None, prompt_style="summary", instruction=None, truncation=False,
+                 max_length=None, item_names=None, **kwargs):
         """Format and process a batch.
 
         Args:
@@ -277,38 +288,82 @@ class UniMEProcessor(ProcessorMixin):
                 `<|image_1|>` rewritten to the image token).
             instruction (`str`, *optional*): an instruction put before every item's text
                 (implies instruction style).
+            truncation (`bool`): cut each item's *text* so that its formatted sequence (template, instruction
+                and image tokens included) fits in `max_length` tokens. The template is never cut: its end is
+                the pooled token. An item whose template and image alone exceed `max_length` raises `ValueError`.
+            max_length (`int`, *optional*): the token limit of `truncation` (required with it).
+            item_names (`list[str]`, *optional*): how errors name each item (default `text[i]`/`images[i]`).
             **kwargs: passed to the backbone processor (e.g. `padding_side`, `return_tensors`).
 
         Returns:
             `BatchFeature` with `input_ids`/`attention_mask` `[batch_size, sequence_length]` and the
             backbone's image inputs (`pixel_values`, `image_grid_thw` or `image_sizes`, ...).
         """
+        truncation = truncation not in (False, None, "do_not_truncate")
+        if truncation and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"truncation needs max_length, a positive number of tokens; got max_length={max_length!r}")
+        if "padding" in kwargs and kwargs["padding"] == "max_length" and not truncation and max_length is not None:
+            kwargs["max_length"] = max_length
         texts, image_list = self._pair_items(text, images)
+        names = item_names or [f"item {index}" for index in range(len(texts))]
         backbone = self.backbone_processor()
         placeholders = self.placeholder_tokens(backbone)
         for index, item_text in enumerate(texts):
             if item_text is not None:
-                self.validate_text(item_text, f"text[{index}]", placeholders)
+                self.validate_text(item_text, item_names[index] if item_names else f"text[{index}]", placeholders)
         if instruction is not None:
             self.validate_text(instruction, "instruction", placeholders)
         image_list = [
             None if image is None else self.validate_image(load_image(image, f"images[{index}]"), f"images[{index}]")
             for index, image in enumerate(image_list)
         ]
-        prompts = [
-            self.format_prompt(item_text, item_image is not None, prompt_style, instruction)
-            for item_text, item_image in zip(texts, image_list)
-        ]
-        present_images = [image for image in image_list if image is not None]
         kwargs.setdefault("padding", True)
         kwargs.setdefault("return_tensors", "pt")
-        return backbone(text=prompts, images=present_images or None, **kwargs)
+
+        def run(item_texts):
+            prompts = [
+                self.format_prompt(item_text, item_image is not None, prompt_style, instruction)
+                for item_text, item_image in zip(item_texts, image_list)
+            ]
+            present_images = [image for image in image_list if image is not None]
+            return backbone(text=prompts, images=present_images or None, **kwargs)
+
+        outputs = run(texts)
+        # Rarely more than one round: a cut text may tokenise differently where it meets the template.
+        for _ in range(4):
+            if not truncation:
+                return outputs
+            lengths = outputs["attention_mask"].sum(dim=1).tolist()
+            if max(lengths) <= max_length:
+                return outputs
+            texts = [self._cut_text(item_text, length - max_length, names[index], max_length, length)
+                     if length > max_length else item_text
+                     for index, (item_text, length) in enumerate(zip(texts, lengths))]
+            outputs = run(texts)
+        raise ValueError(f"could not fit the texts of {names} in max_length={max_length} tokens")
+
+    def _cut_text(self, text, excess, name, max_length, length):
+        """`text` without its last tokens, at least `excess` of them, cut at a token boundary of the original."""
+        if text is None:
+            raise ValueError(f"{name}: the image and prompt template take {length} tokens, over max_length="
+                             f"{max_length}; images are never cut: lower the image resolution or raise max_length")
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        keep = len(offsets) - excess
+        if keep < 1:
+            raise ValueError(f"{name}: the prompt template, instruction and image take {length - len(offsets)} of "
+                             f"max_length={max_length} tokens, which leaves no room for the text")
+        return text[: offsets[keep - 1][1]]
 
     @staticmethod
     def _pair_items(text, images):
         if text is None and images is None:
             raise ValueError("UniMEProcessor needs `text`, `images` or both")
+        if text is not None and not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a str or a list of str (None for image-only items), got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        for index, item_text in enumerate(texts or []):
+            if item_text is not None and not isinstance(item_text, str):
+                raise TypeError(f"text[{index}]: expected str or None, got {type(item_text).__name__}")
         image_list = None if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
         if texts is None:
             texts = [None] * len(image_list)

@@ -16,30 +16,23 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, AutoProcessor
 
 MODULE_CLASS_REF = "sentence_transformers_module.UniMESentenceTransformer"
 MODULES_FILE = "modules.json"
 SENTENCE_TRANSFORMERS_CONFIG_FILE = "config_sentence_transformers.json"
 
-# A str is text in `UniMEModel.encode`; sentence-transformers reads a str ending in an image suffix as
-# an image path or URL, so its users expect exactly that here.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+NORMALIZE_MODULE = {"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.models.Normalize"}
 
 
 def _st_item(item, index):
-    """One sentence-transformers input as a `UniMEModel.encode` item (image path strings become `Path`s)."""
-    if isinstance(item, str) and not any(ch.isspace() for ch in item) and item.lower().endswith(IMAGE_SUFFIXES):
-        if item.startswith(("http://", "https://")):
-            raise ValueError(
-                f"item {index} is an image URL ({item!r}); UniME does not download images. Open it yourself "
-                "and pass a PIL.Image."
-            )
-        return Path(item)
+    """One sentence-transformers input as a `UniMEModel.encode` item: the same rule as there, a `str` is text
+    (even when a file of that name exists); images are `PIL.Image`, `pathlib.Path` or `{"image": ...}`."""
     if isinstance(item, (list, tuple)):
         # ValueError, not TypeError: sentence-transformers retries `preprocess` differently on a TypeError.
         raise ValueError(
             f"item {index}: text pairs and chat-style message lists are not UniME inputs; pass a str, a PIL.Image, "
-            "an image path or a dict {'image': ..., 'text': ...}"
+            "a pathlib.Path or a dict {'image': ..., 'text': ...}"
         )
     return item
 
@@ -47,10 +40,12 @@ def _st_item(item, index):
 class UniMESentenceTransformer(torch.nn.Module):
     """sentence-transformers input module around a [`UniMEModel`] and its [`UniMEProcessor`].
 
-    Inputs are what `UniMEModel.encode` takes: `str` (text), `PIL.Image` or image path (image), and
+    Inputs are what `UniMEModel.encode` takes: `str` (text), `PIL.Image` or `pathlib.Path` (image), and
     `{"image": ..., "text": ...}` (fused). `SentenceTransformer.encode(prompt=...)` becomes UniME's
-    `instruction` (MMEB instruction style); `prompt_style="instruction"` is accepted as an encode
-    keyword too. Inference only: `forward` runs under `torch.inference_mode()`; train with the UniME
+    `instruction` (MMEB instruction style), so `encode_query` / `encode_document` use the `prompts` of
+    `config_sentence_transformers.json`; `prompt_style="instruction"` is accepted as an encode keyword too.
+    The module returns the raw pooled state; a `Normalize` module follows it when `config.normalize`, and
+    sentence-transformers applies `truncate_dim`, `normalize_embeddings` and `precision` itself. Inference only: `forward` runs under `torch.inference_mode()`; train with the UniME
     trainers, which optimise exactly these embeddings.
     """
 
@@ -79,7 +74,15 @@ class UniMESentenceTransformer(torch.nn.Module):
 
     @property
     def max_seq_length(self):
+        """Longest formatted input in tokens (template and image tokens included); longer texts are cut, as
+        `UniMEModel.encode(max_length=...)` does. Setting it sets `config.max_sequence_tokens` (saved)."""
         return self.model.config.max_sequence_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_seq_length must be a positive int or None, got {value!r}")
+        self.model.config.max_sequence_tokens = value
 
     def get_embedding_dimension(self):
         return self.model.config.text_hidden_size
@@ -98,7 +101,7 @@ class UniMESentenceTransformer(torch.nn.Module):
 
         Returns:
             `features` plus `sentence_embedding`: `torch.FloatTensor` `[batch_size, hidden_size]` on the
-            model's device, exactly `UniMEModel.encode(items, batch_size=batch_size)`.
+            model's device, exactly `UniMEModel.encode(items, batch_size=batch_size, normalize_embeddings=False)`.
         """
         items = features["unime_items"]
         features["sentence_embedding"] = self.model.encode(
@@ -108,6 +111,8 @@ class UniMESentenceTransformer(torch.nn.Module):
             show_progress_bar=False,
             prompt_style=prompt_style,
             instruction=features.get("unime_instruction"),
+            normalize_embeddings=False,
+            max_length=self.max_seq_length,
             device=None,
         )
         return features
@@ -134,31 +139,31 @@ class UniMESentenceTransformer(torch.nn.Module):
         """Build the module from a checkpoint (sentence-transformers' module-loading signature).
 
         `model_kwargs` (e.g. `dtype`, `attn_implementation`) and `config_kwargs` go to
-        `UniMEModel.from_pretrained`, `processor_kwargs` to `UniMEProcessor.from_pretrained`.
+        `UniMEModel.from_pretrained`, `processor_kwargs` to `UniMEProcessor.from_pretrained`. Both are
+        loaded with transformers' Auto classes (the checkpoint's own code, as sentence-transformers loaded
+        this module), so this file imports neither: `modeling_unime.py` imports it, not the reverse.
         """
-        # Imported here: this file is a dependency of modeling_unime.py, which must import first.
-        from .modeling_unime import UniMEModel
-        from .processing_unime import UniMEProcessor
-
         hub_kwargs = {"token": token, "cache_dir": cache_folder, "revision": revision,
-                      "local_files_only": local_files_only}
+                      "local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
         if subfolder:
             hub_kwargs["subfolder"] = subfolder
-        model = UniMEModel.from_pretrained(model_name_or_path, **hub_kwargs, **(config_kwargs or {}),
-                                           **(model_kwargs or {}))
-        processor = UniMEProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **(processor_kwargs or {}))
+        model = AutoModel.from_pretrained(model_name_or_path, **hub_kwargs, **(config_kwargs or {}),
+                                          **(model_kwargs or {}))
+        processor = AutoProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **(processor_kwargs or {}))
         return cls(model.eval(), processor)
 
 
-def write_sentence_transformers_files(directory):
+def write_sentence_transformers_files(directory, config):
     """Write `modules.json` and `config_sentence_transformers.json` so that sentence-transformers loads
-    `directory` with [`UniMESentenceTransformer`]; the module's code is copied by `save_pretrained`
-    along with the other files `modeling_unime.py` imports. Existing files are left alone (they may
-    come from `SentenceTransformer.save`)."""
+    `directory` with [`UniMESentenceTransformer`] (then `Normalize` when `config.normalize`) and the
+    config's named `prompts`; the module's code is copied by `save_pretrained` along with the other files
+    `modeling_unime.py` imports. Existing files are left alone (they may come from `SentenceTransformer.save`)."""
     directory = Path(directory)
     modules = [{"idx": 0, "name": "0", "path": "", "type": MODULE_CLASS_REF}]
-    settings = {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
-                "similarity_fn_name": "cosine"}
+    if config.normalize:
+        modules.append(NORMALIZE_MODULE)
+    settings = {"model_type": "SentenceTransformer", "prompts": dict(getattr(config, "prompts", None) or {}),
+                "default_prompt_name": None, "similarity_fn_name": "cosine"}
     for name, content in ((MODULES_FILE, modules), (SENTENCE_TRANSFORMERS_CONFIG_FILE, settings)):
         path = directory / name
         if not path.exists():
