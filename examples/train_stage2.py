@@ -1,7 +1,14 @@
 """UniME stage 2: hard-negative-enhanced instruction tuning on MMEB-train (DESIGN.md §4.2).
 
-    # tiny offline run on CPU (seconds)
+    # tiny offline run on CPU (seconds), from stage 1's output (examples/configs/stage1_tiny.yaml)
     python examples/train_stage2.py --config examples/configs/stage2_tiny.yaml
+
+    # your own pairs: a caption retrieving its image, paths relative to --image_root
+    python examples/train_stage2.py --config examples/configs/stage2_tiny.yaml --dataset pairs.csv \
+        --image_root images --query_text_column caption --positive_image_column image_file
+
+    # continue an interrupted run from its latest checkpoint (or --resume_from_checkpoint <dir>/checkpoint-N)
+    python examples/train_stage2.py --config examples/configs/stage2_tiny.yaml --resume_from_checkpoint true
 
     # the paper's recipe on 8 GPUs, starting from the merged stage-1 model
     accelerate launch --config_file examples/accelerate_configs/deepspeed_zero2.yaml \
@@ -15,18 +22,15 @@ hard-negative InfoNCE loss (GradCache when `gradcache_chunk_size` is set), save 
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from trl import TrlParser
 
-import torch  # noqa: E402
-from trl import TrlParser  # noqa: E402
-
-from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
-from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer  # noqa: E402
-from training.mmeb_data import MMEBCollator, load_mmeb_train, missing_image_files  # noqa: E402
+from modeling_unime import UniMEModel, UniMEProcessor
+from training.cli import absolute_if_local, parse_args_and_config
+from training.hard_negative import HardNegativeConfig, UniMEHardNegativeTrainer
+from training.mmeb_data import MMEBCollator, load_mmeb_train, missing_image_files
 
 TINY_PREFIX = "tiny:"
 logger = logging.getLogger(__name__)
@@ -34,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ScriptArguments:
-    dataset: str = field(metadata={"help": "MMEB-train pairs: Hub id (TIGER-Lab/MMEB-train), a folder of subset "
-                                           "tables, a table file or a save_to_disk folder."})
+    dataset: str = field(metadata={"help": "Training pairs: Hub id (TIGER-Lab/MMEB-train), a folder of subset "
+                                           "tables, a jsonl/json/csv/parquet file or a save_to_disk folder."})
     backbone: str | None = field(
         default=None, metadata={"help": "Backbone checkpoint (path or Hub id), or `tiny:<family>` for a tiny random "
                                         "offline model (e.g. tiny:qwen2_vl). Not needed with stage1_model."})
@@ -56,6 +60,17 @@ class ScriptArguments:
     check_image_files: bool = field(
         default=True, metadata={"help": "Check before training that every referenced image file exists."}
     )
+    query_text_column: str | None = field(default=None, metadata={"help": "Your table's query text column "
+                                                                           "(MMEB: qry)."})
+    query_image_column: str | None = field(default=None, metadata={"help": "Query image path column "
+                                                                            "(MMEB: qry_image_path)."})
+    positive_text_column: str | None = field(default=None, metadata={"help": "Positive text column (MMEB: pos_text)."})
+    positive_image_column: str | None = field(default=None, metadata={"help": "Positive image path column "
+                                                                               "(MMEB: pos_image_path)."})
+    negative_text_column: str | None = field(default=None, metadata={"help": "Negative text column (accepted, not "
+                                                                              "used: negatives are mined in the batch)."})
+    negative_image_column: str | None = field(default=None, metadata={"help": "Negative image path column "
+                                                                               "(accepted, not used)."})
     dtype: str | None = field(default=None, metadata={"help": "Weight dtype: float32, bfloat16, float16 (default: "
                                                                "the checkpoint's / float32)."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2."})
@@ -77,6 +92,17 @@ def load_model(args):
     return UniMEModel.from_backbone(args.backbone, **kwargs), UniMEProcessor.from_backbone(args.backbone)
 
 
+COLUMN_ARGUMENTS = {"query_text_column": "qry", "query_image_column": "qry_image_path",
+                    "positive_text_column": "pos_text", "positive_image_column": "pos_image_path",
+                    "negative_text_column": "neg_text", "negative_image_column": "neg_image_path"}
+
+
+def column_mapping(args):
+    """`{MMEB field: column}` from the `--*_column` arguments; None when none is given (MMEB names)."""
+    mapping = {field: getattr(args, name) for name, field in COLUMN_ARGUMENTS.items() if getattr(args, name)}
+    return mapping or None
+
+
 def check_images(train, args):
     missing = missing_image_files(train, args.image_root, limit=None if args.skip_bad_images else 5)
     if missing and not args.skip_bad_images:
@@ -90,7 +116,8 @@ def check_images(train, args):
 def main(script_args, training_args):
     model, processor = load_model(script_args)
     train = load_mmeb_train(script_args.dataset, subsets=script_args.subsets, split=script_args.dataset_split,
-                            num_sample_per_subset=script_args.num_sample_per_subset, seed=script_args.sample_seed)
+                            num_sample_per_subset=script_args.num_sample_per_subset, seed=script_args.sample_seed,
+                            columns=column_mapping(script_args))
     if script_args.check_image_files:
         check_images(train, script_args)
     collator = MMEBCollator(processor, image_root=script_args.image_root, image_size=training_args.image_size,
@@ -98,14 +125,18 @@ def main(script_args, training_args):
                             max_length=training_args.max_length)
     trainer = UniMEHardNegativeTrainer(model=model, args=training_args, processor=processor, train_dataset=train,
                                        data_collator=collator)
-    trainer.train()  # also writes the merged model to <output_dir>/merged (save_merged_model)
-    trainer.save_model(training_args.output_dir)  # LoRA adapters + processor
+    trainer.record_stage("hard_negative", datasets=[absolute_if_local(script_args.dataset)],
+                         base_model=None if script_args.stage1_model else absolute_if_local(script_args.backbone),
+                         start_model=absolute_if_local(script_args.stage1_model), subsets=script_args.subsets,
+                         columns=column_mapping(script_args))
+    # Records the stage in the model's config, then writes the merged model to <output_dir>/merged.
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # LoRA adapters + processor; with --push_to_hub, Trainer.save_model also pushes (the merged model, once).
+    trainer.save_model(training_args.output_dir)
     if trainer.num_skipped_pairs:
         logger.warning("skipped %d pairs with bad images on this process", trainer.num_skipped_pairs)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
 
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, HardNegativeConfig))
-    main(*parser.parse_args_and_config())
+    main(*parse_args_and_config(parser))

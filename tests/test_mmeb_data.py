@@ -55,7 +55,7 @@ def test_loads_a_jsonl_file_with_row_ids(tmp_path):
     table = load_mmeb_train(tmp_path / "pairs.jsonl")
     assert len(table) == 5
     assert table[3]["pos_text"] == "label 3"
-    assert table[3]["subset_row"] == 3 and table[3]["subset"] == "train"
+    assert table[3]["subset_row"] == 3 and table[3]["subset"] == str(tmp_path / "pairs.jsonl")
 
 
 def test_folder_of_subset_files_and_hub_layout(tmp_path):
@@ -109,7 +109,7 @@ def test_per_subset_cap_is_a_seeded_sample_in_original_order():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"pos_text": None}, r"subset 'train', row 2\): field 'pos_text' must be a string"),
+        ({"pos_text": None}, r"file '.*pairs\.jsonl', row 2\): field 'pos_text' must be a string"),
         ({"qry": "", "qry_image_path": ""}, r"row 2\): 'qry' and 'qry_image_path' are both empty"),
         ({"pos_text": "<|image_1|> a photo", "pos_image_path": ""}, r"row 2\): 'pos_text' contains <\|image_1\|>"),
     ],

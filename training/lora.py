@@ -3,6 +3,7 @@
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,11 @@ def add_lora(model, rank=16, alpha=None, dropout=0.05, target_modules=LANGUAGE_M
         target_modules=lora_target_regex(target_modules, scope),
         bias="none",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+        # `is_activation_checkpointing`: the warning is about peft's code, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def merge_lora(model):

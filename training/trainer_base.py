@@ -7,12 +7,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, enable_full_determinism, set_seed
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
+    align_special_tokens,
     get_last_checkpoint,
     rotate_checkpoints,
 )
+from transformers.utils import logging as transformers_logging
 
 from .lora import (
     LANGUAGE_MODEL_LINEAR_LAYERS,
@@ -21,7 +23,28 @@ from .lora import (
     save_merged_model,
     unwrap_unime,
 )
-from .publishing import push_merged_model
+from .publishing import push_merged_model, record_training_stage, trainer_stage_record
+
+
+def _record_base_model_absolutely(model):
+    """A model loaded from a relative local path records that path (`name_or_path`), and peft copies it
+    into every checkpoint's `adapter_config.json`: make it absolute, so a checkpoint loads from any
+    directory. Hub ids and models built from a config are left as they are."""
+    name = getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isabs(name) and os.path.isdir(name):
+        model.name_or_path = model.config._name_or_path = os.path.abspath(name)
+
+
+def _align_special_tokens_quietly(model, processor):
+    """What `Trainer.__init__` does (copy the tokenizer's PAD/BOS/EOS ids into the model's configs),
+    without its notice: the notice is about generation, and an embedding model never generates."""
+    logger = transformers_logging.get_logger("transformers.trainer_utils")
+    level = logger.level
+    logger.setLevel(transformers_logging.ERROR)
+    try:
+        align_special_tokens(model, processor)
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -68,15 +91,21 @@ class UniMETrainerBase(Trainer):
     def __init__(self, model=None, args=None, processor=None, **kwargs):
         if processor is None:
             raise ValueError("UniME trainers need the model's UniMEProcessor (processor=...)")
+        # Trainer seeds in its __init__, after the LoRA adapters exist: seed first, so that their random
+        # initialisation (and so the whole run) is the same for the same seed.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        _record_base_model_absolutely(model)
         if args.lora_rank and args.lora_rank > 0:
             model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                              target_modules=tuple(args.lora_target_modules), scope=args.lora_scope)
+        _align_special_tokens_quietly(model, processor)
         super().__init__(model=model, args=args, processing_class=processor, **kwargs)
         self.processor = processor
         self._stats_sums = defaultdict(float)
         self._stats_counts = defaultdict(int)
         self._checkpoint_staging_dir = None
         self._loss_check_position = (None, 0)  # (global step, micro-batches seen in that step)
+        self._stage_to_record = None
 
     def record_stats(self, stats):
         """Accumulate scalar statistics (e.g. mean positive similarity) until the next log."""
@@ -187,8 +216,75 @@ class UniMETrainerBase(Trainer):
         # Hub repo only ever receives complete merged models (push_to_hub at the end of training).
         return
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def record_stage(self, stage, *, datasets, base_model=None, **extra):
+        """Have `train` record this run in the model's `config.unime_training` when it ends (before the
+        merged model is saved or pushed), so that their model card says what was trained.
+
+        Args:
+            stage (`str`): `"distillation"` or `"hard_negative"`.
+            datasets (`list[str]`): Hub ids or paths of the training data.
+            base_model (`str`, *optional*): the backbone; ignored when an earlier stage recorded one.
+            **extra: further JSON data for the card, e.g. `teacher=...` (see `training.publishing.stage_record`).
+        """
+        self._stage_to_record = (stage, list(datasets), base_model, extra)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint` also takes the strings `"true"`/`"false"` (as
+        `--resume_from_checkpoint true` arrives from the command line), a run that would write over the
+        checkpoints of an earlier run in `output_dir` without resuming stops with a `ValueError`
+        (unless `overwrite_output_dir`), and the merged model is saved at the end (`save_merged_model`)."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is None:
+            self._refuse_to_overwrite_checkpoints()
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self._stage_to_record is not None:
+            stage, datasets, base_model, extra = self._stage_to_record
+            record = trainer_stage_record(self, stage, datasets=datasets, **extra)
+            record_training_stage(self.unime_model(), record, base_model=base_model)
         if self.args.save_merged_model:
             self.save_merged()
         return output
+
+    def _refuse_to_overwrite_checkpoints(self):
+        output_dir = self.args.output_dir
+        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        if last is None or getattr(self.args, "overwrite_output_dir", False):
+            return
+        raise ValueError(
+            f"output_dir {output_dir!r} already holds checkpoints of an earlier run (latest: {last}); a new run "
+            "would write over them. Pass --resume_from_checkpoint true to continue that run, "
+            f"--resume_from_checkpoint {last} to continue from a given checkpoint, or another --output_dir "
+            "(or delete the folder) to start over."
+        )
+
+
+def resolve_resume_from_checkpoint(value, output_dir):
+    """What `Trainer.train(resume_from_checkpoint=...)` should get for `value`, checked.
+
+    Args:
+        value (`str`, `bool` or `None`): a checkpoint folder, `True` / `"true"` (the latest
+            `checkpoint-N` in `output_dir`), or `None` / `False` / `"false"` / `""` (start fresh).
+        output_dir (`str`): the run's output folder.
+
+    Returns:
+        `str` (the checkpoint folder) or `None`.
+
+    Raises:
+        ValueError: `true` but `output_dir` holds no `checkpoint-N`. FileNotFoundError: the folder is missing.
+    """
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "none", "no"):
+        value = None
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "latest")):
+        last = get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint=true, but output_dir {output_dir!r} holds no checkpoint-N "
+                             "folder to resume from (was save_strategy 'no'?)")
+        return last
+    path = os.fspath(value)
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        what = "is not a folder" if not os.path.isdir(path) else "has no trainer_state.json (not a Trainer checkpoint)"
+        raise FileNotFoundError(f"resume_from_checkpoint {path!r} {what}; give a <output_dir>/checkpoint-N folder "
+                                "or true for the latest one")
+    return path
