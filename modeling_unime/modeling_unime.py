@@ -169,6 +169,15 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
             last_hidden_state=hidden_states if output_last_hidden_state else None,
         )
 
+    def save_for_serving(self, save_directory, processor=None, **kwargs):
+        """Write the backbone's native `*ForConditionalGeneration` checkpoint (LoRA folded in) with a chat
+        template reproducing UniME's prompt and sentence-transformers last-token/normalise metadata, for
+        vLLM (`--runner pooling`), sentence-transformers or plain transformers; see `serving.save_for_serving`
+        for the arguments (`max_shard_size`, `push_to_hub`, `repo_id`, ...)."""
+        from .serving import save_for_serving
+
+        return save_for_serving(self, save_directory, processor=processor, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`,
