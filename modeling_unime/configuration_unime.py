@@ -26,6 +26,9 @@ class UniMEConfig(PretrainedConfig):
         max_length (`int`, *optional*):
             Longest accepted tokenised input; longer items are refused with a `ValueError`. Defaults
             to the backbone language model's `max_position_embeddings`.
+        matryoshka_dims (`list[int]`, *optional*):
+            Embedding prefix sizes the model was trained at with a Matryoshka loss (strictly
+            increasing, at most the embedding dimension); `encode(truncate_dim=d)` and exports read them.
 
     Example:
 
@@ -49,6 +52,7 @@ class UniMEConfig(PretrainedConfig):
         normalize=True,
         prompt_templates=None,
         max_length=None,
+        matryoshka_dims=None,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
@@ -69,6 +73,7 @@ class UniMEConfig(PretrainedConfig):
         self.normalize = normalize
         self.prompt_templates = prompt_templates
         self.max_length = max_length
+        self.matryoshka_dims = _check_matryoshka_dims(matryoshka_dims, backbone_config)
 
     @property
     def text_hidden_size(self):
@@ -82,3 +87,19 @@ class UniMEConfig(PretrainedConfig):
         if self.max_length is not None:
             return self.max_length
         return getattr(self.backbone_config.get_text_config(), "max_position_embeddings", None)
+
+
+def _check_matryoshka_dims(dims, backbone_config):
+    """`None` or a strictly increasing list of positive ints no larger than the embedding dimension."""
+    if dims is None:
+        return None
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, (list, tuple)) or not dims:
+        raise ValueError(f"matryoshka_dims must be a non-empty list of ints or None, got {dims!r}")
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"matryoshka_dims entries must be positive ints, got {list(dims)}")
+    if any(a >= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
+    if backbone_config is not None and dims[-1] > backbone_config.get_text_config().hidden_size:
+        raise ValueError(f"matryoshka_dims {list(dims)} exceed the embedding dimension "
+                         f"{backbone_config.get_text_config().hidden_size}")
+    return list(dims)
