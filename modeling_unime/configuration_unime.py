@@ -38,6 +38,9 @@ class UniMEConfig(PretrainedConfig):
             Named instructions for `encode(prompt_name=...)`, `encode_query` and `encode_document` (an
             empty string means no instruction). Defaults to an MMEB-style retrieval instruction for
             `"query"` and none for `"document"`; also written to `config_sentence_transformers.json`.
+        matryoshka_dims (`list[int]`, *optional*):
+            Embedding prefix sizes the model was trained at with a Matryoshka loss (strictly
+            increasing, at most the embedding dimension); `encode(truncate_dim=d)` and exports read them.
 
     Example:
 
@@ -62,6 +65,7 @@ class UniMEConfig(PretrainedConfig):
         prompt_templates=None,
         max_sequence_tokens=None,
         prompts=None,
+        matryoshka_dims=None,
         **kwargs,
     ):
         # Checkpoints and code written before the rename spell it `max_length`.
@@ -95,6 +99,7 @@ class UniMEConfig(PretrainedConfig):
         self.prompt_templates = prompt_templates
         self.max_sequence_tokens = max_sequence_tokens
         self.prompts = prompts
+        self.matryoshka_dims = _check_matryoshka_dims(matryoshka_dims, backbone_config)
 
     @property
     def text_hidden_size(self):
@@ -108,3 +113,19 @@ class UniMEConfig(PretrainedConfig):
         if self.max_sequence_tokens is not None:
             return self.max_sequence_tokens
         return getattr(self.backbone_config.get_text_config(), "max_position_embeddings", None)
+
+
+def _check_matryoshka_dims(dims, backbone_config):
+    """`None` or a strictly increasing list of positive ints no larger than the embedding dimension."""
+    if dims is None:
+        return None
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, (list, tuple)) or not dims:
+        raise ValueError(f"matryoshka_dims must be a non-empty list of ints or None, got {dims!r}")
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"matryoshka_dims entries must be positive ints, got {list(dims)}")
+    if any(a >= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
+    if backbone_config is not None and dims[-1] > backbone_config.get_text_config().hidden_size:
+        raise ValueError(f"matryoshka_dims {list(dims)} exceed the embedding dimension "
+                         f"{backbone_config.get_text_config().hidden_size}")
+    return list(dims)

@@ -48,6 +48,7 @@ PAPER_URL = "https://arxiv.org/abs/2504.17432"
 FAMILY_NAMES = {
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
     "llava": "LLaVA-1.5",
     "llava_next": "LLaVA-NeXT",
     "llava_onevision": "LLaVA-OneVision",

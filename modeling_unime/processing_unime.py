@@ -19,6 +19,7 @@ from .prompts import (
 BACKBONE_PROCESSOR_CLASSES = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
     "llava": "LlavaProcessor",
     "llava_next": "LlavaNextProcessor",
     "llava_onevision": "LlavaOnevisionProcessor",
@@ -37,13 +38,13 @@ BACKBONE_PROCESSOR_KWARGS = (
 PROMPT_STYLES = ("summary", "instruction")
 
 # Qwen2-VL's smart_resize refuses images whose long side is over 200x the short side.
-MAX_ASPECT_RATIO = {"qwen2_vl": 200, "qwen2_5_vl": 200}
+MAX_ASPECT_RATIO = {"qwen2_vl": 200, "qwen2_5_vl": 200, "qwen3_vl": 200}
 
 
 def _backbone_processor_class(family):
     """The backbone's processor class, minus its video processor.
 
-    Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision processors require a video processor, which needs
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision processors require a video processor, which needs
     torchvision; embeddings never use video, so a subclass whose `__init__` has no `video_processor`
     argument lets them construct without it (ProcessorMixin reads its sub-processors off `__init__`).
     """
@@ -137,7 +138,7 @@ class UniMEProcessor(ProcessorMixin):
     Args:
         image_processor: the backbone's image processor (a `...ImageProcessorPil` works without torchvision).
         tokenizer: the backbone's tokenizer. Padding is on the left, as in the released evaluation code.
-        backbone_family (`str`): `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next` or `llava_onevision`.
+        backbone_family (`str`): `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava`, `llava_next` or `llava_onevision`.
         prompt_templates (`dict[str, str]`, *optional*): `text`/`image`/`fused` templates and
             `image_token`; built from the family's defaults (and `chat_template`) when omitted.
         backbone_processor_kwargs (`dict`, *optional*): extra init arguments of the backbone processor

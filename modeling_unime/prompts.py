@@ -2,7 +2,7 @@
 
 The strings reproduce the released evaluation code (`self_evaluate/retrieval_self.py`) and the model
 cards: `<sent>` is replaced by the item's text and `image_token` marks where the backbone's image
-placeholder goes. Chat-template families (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) are rendered once
+placeholder goes. Chat-template families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) are rendered once
 from the backbone's own chat template, so the stored strings are plain data that travel with a
 checkpoint and that a user may edit.
 """
@@ -26,16 +26,30 @@ FUSED_SUFFIX = "Summary above image and sentence in one word:"
 SUPPORTED_BACKBONES = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
     "llava": "llava",
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
 }
 
-CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+CHAT_TEMPLATE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
+# Image placeholder of the string-template families' summary prompts (chat-template families get
+# theirs from the chat template).
 IMAGE_TOKENS = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava": "<image>",
+    "llava_next": "<image>",
+}
+
+
+# What `<|image_1|>` becomes in MMEB instruction mode. The code that trained and evaluated the Qwen
+# embedders on MMEB (VLM2Vec's `VLM_IMAGE_TOKENS`, UniME-V2's `Embedding/src/model_utils.py`) writes
+# the bare `<|image_pad|>`, which the processor expands to the image's tokens; the summary templates
+# (rendered from the chat template) keep `<|vision_start|>...<|vision_end|>`.
+INSTRUCTION_IMAGE_TOKENS = {
+    "qwen2_vl": "<|image_pad|>",
+    "qwen2_5_vl": "<|image_pad|>",
+    "qwen3_vl": "<|image_pad|>",
     "llava": "<image>",
     "llava_next": "<image>",
     "llava_onevision": "<image>",
@@ -62,15 +76,15 @@ def _chat_messages(family, with_image, text):
 
 
 def _string_templates(family):
+    if family not in IMAGE_TOKENS:
+        raise ValueError(f"family {family!r} uses a chat template")
     image_token = IMAGE_TOKENS[family]
     if family == "llava_next":
         wrap = "[INST] {} [/INST]".format
-    elif family == "llava":
-        # The released Llama-3 strings end the user text with "in one word: " (trailing space).
+    else:
+        # LLaVA-1.5 (Llama-3): the released strings end the user text with "in one word: " (trailing space).
         def wrap(content):
             return LLAMA3_TEMPLATE.format(content + " ")
-    else:
-        raise ValueError(f"family {family!r} uses a chat template")
     return {
         "text": wrap(f"{TEXT_PLACEHOLDER}\n{TEXT_SUFFIX}"),
         "image": wrap(f"{image_token}\n{IMAGE_SUFFIX}"),
@@ -91,8 +105,8 @@ def default_prompt_templates(family, render_chat=None):
         `dict[str, str]` with keys `text`, `image`, `fused` (templates containing `<sent>` and/or the
         image token) and `image_token` (what `<|image_1|>` becomes in instruction mode).
     """
-    if family not in IMAGE_TOKENS:
-        raise ValueError(f"Unknown UniME family {family!r}; expected one of {sorted(IMAGE_TOKENS)}.")
+    if family not in INSTRUCTION_IMAGE_TOKENS:
+        raise ValueError(f"Unknown UniME family {family!r}; expected one of {sorted(INSTRUCTION_IMAGE_TOKENS)}.")
     if family in CHAT_TEMPLATE_FAMILIES:
         if render_chat is None:
             raise ValueError(f"family {family!r} needs the backbone's chat template to build its prompts")
@@ -103,7 +117,7 @@ def default_prompt_templates(family, render_chat=None):
         }
     else:
         templates = _string_templates(family)
-    templates["image_token"] = IMAGE_TOKENS[family]
+    templates["image_token"] = INSTRUCTION_IMAGE_TOKENS[family]
     return templates
 
 

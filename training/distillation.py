@@ -27,7 +27,7 @@ import torch
 from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .gradcache import embed
-from .losses import KD_DIRECTIONS, distillation_loss
+from .losses import KD_DIRECTIONS, check_matryoshka, distillation_loss, matryoshka_loss, record_matryoshka_dims
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
@@ -61,6 +61,14 @@ class DistillationConfig(UniMETrainingConfig):
         metadata={"help": "Maximum tokens of each text before the prompt template is added; longer texts are "
                           "cut so the template's last token (the pooled one) is always kept. None: no limit."},
     )
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka prefix sizes, strictly increasing, e.g. [64, 128, 256, 512, D]: the loss is "
+                          "summed over the first d dims of the embeddings, re-normalised (None = off)."},
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per Matryoshka dim (default: 1.0 each, as in MRL)."}
+    )
     use_qlora: bool = field(
         default=False,
         metadata={"help": "Train LoRA on a 4-bit (NF4) quantised model (QLoRA, as the paper); needs bitsandbytes "
@@ -73,6 +81,11 @@ class DistillationConfig(UniMETrainingConfig):
             raise ValueError(f"kd_direction={self.kd_direction!r}; expected one of {KD_DIRECTIONS}")
         if not self.kd_temperature > 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature!r}")
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
+                                                                                      self.matryoshka_weights))
+        elif self.matryoshka_weights is not None:
+            raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens or None, got {self.max_length!r}")
         if self.lora_scope != "language_model":
@@ -216,6 +229,8 @@ class UniMEDistillationTrainer(UniMETrainerBase):
         if data_collator is None and processor is not None:
             data_collator = DistillationDataCollator(processor, max_length=args.max_length)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
+        if args.matryoshka_dims:
+            record_matryoshka_dims(self.unime_model(), args.matryoshka_dims)
 
     @staticmethod
     def _prepare_student(model, args):
@@ -241,13 +256,21 @@ class UniMEDistillationTrainer(UniMETrainerBase):
         student = embed(model, inputs)  # [n, d_s]
         student_all = gather_with_grad(student)  # [N, d_s]
         teacher_all = gather_with_grad(teacher.to(student.device))  # [N, d_t]
-        loss = distillation_loss(
-            student_all,
-            teacher_all,
-            temperature=self.args.kd_temperature,
-            mask_diagonal=self.args.kd_mask_diagonal,
-            direction=self.args.kd_direction,
-        )
+        def kd_loss(student_embeddings):
+            return distillation_loss(
+                student_embeddings,
+                teacher_all,
+                temperature=self.args.kd_temperature,
+                mask_diagonal=self.args.kd_mask_diagonal,
+                direction=self.args.kd_direction,
+            )
+
+        if self.args.matryoshka_dims:
+            # Only the student is cut: the KD loss compares N x N similarity matrices, whatever d.
+            loss, _ = matryoshka_loss(kd_loss, (student_all,), self.args.matryoshka_dims,
+                                      self.args.matryoshka_weights)
+        else:
+            loss = kd_loss(student_all)
         if model.training:
             self.record_stats(similarity_stats(student_all, teacher_all))
         return (loss, {"embeddings": student}) if return_outputs else loss

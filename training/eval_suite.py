@@ -2,6 +2,7 @@
 training callback share."""
 
 from .evaluation import (
+    ReplayEncoder,
     encoder_from_model,
     evaluate_compositional,
     evaluate_mmeb,
@@ -13,8 +14,8 @@ TASKS = ("mmeb", "retrieval", "compositional")
 
 
 def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=None, image_root=None,
-                   image_size=None, batch_size=32, show_progress_bar=False, instructions=None):
-    """Evaluate `model` on the tasks given.
+                   image_size=None, batch_size=32, show_progress_bar=False, instructions=None, truncate_dims=None):
+    """Evaluate `model` on the tasks given, at full dimension and at each Matryoshka dimension.
 
     Args:
         mmeb: anything `training.evaluation.load_mmeb_datasets` accepts (dir, file(s), or name -> rows).
@@ -24,13 +25,33 @@ def evaluate_suite(model, processor, mmeb=None, retrieval=None, compositional=No
         image_size: resize images to this square size (e.g. 336) before encoding.
         instructions: `None` for the paper's summary prompts in retrieval and compositional tasks,
             or MMEB-style `{"image_query", "text_query", "image_target"}` (see `evaluate_retrieval`).
+        truncate_dims: embedding sizes to score again, each as the first d dimensions re-normalised;
+            default: the dims the model was trained at (`model.config.matryoshka_dims`), `()` for none.
+            The full dimension is always scored; the embeddings are computed once.
 
     Returns:
-        `{task: {metric: fraction}}` for the tasks given (fractions in [0, 1]).
+        `{task: {metric: fraction}}` for the tasks given (fractions in [0, 1]) at full dimension,
+        plus `{f"{task}@{d}": {metric: fraction}}` for every d in `truncate_dims` below it.
     """
     if mmeb is None and retrieval is None and compositional is None:
         raise ValueError("evaluate_suite needs at least one of mmeb=, retrieval=, compositional=")
-    encode_fn = encoder_from_model(model, processor, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    if truncate_dims is None:
+        truncate_dims = getattr(getattr(model, "config", None), "matryoshka_dims", None) or ()
+    encode_fn = ReplayEncoder(encoder_from_model(model, processor, batch_size=batch_size,
+                                                 show_progress_bar=show_progress_bar))
+    tasks = dict(mmeb=mmeb, retrieval=retrieval, compositional=compositional, image_root=image_root,
+                 image_size=image_size, instructions=instructions)
+    results = _run_tasks(encode_fn, **tasks)
+    for dim in truncate_dims:
+        if dim > encode_fn.dim:
+            raise ValueError(f"truncate_dims: {dim} exceeds the embedding dimension {encode_fn.dim}")
+        if dim < encode_fn.dim:
+            for task, metrics in _run_tasks(encode_fn.at_dim(dim), **tasks).items():
+                results[f"{task}@{dim}"] = metrics
+    return results
+
+
+def _run_tasks(encode_fn, mmeb, retrieval, compositional, image_root, image_size, instructions):
     results = {}
     if mmeb is not None:
         results["mmeb"] = evaluate_mmeb(mmeb, encode_fn, image_root=image_root, image_size=image_size)

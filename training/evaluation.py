@@ -180,6 +180,47 @@ def encoder_from_model(model, processor, batch_size=32, show_progress_bar=False)
     return encode_fn
 
 
+def truncate_embeddings(embeddings, dim):
+    """`[N, D]` -> `[N, dim]`: the first `dim` dimensions, L2-normalised again (a Matryoshka prefix)."""
+    if not 1 <= dim <= embeddings.shape[-1]:
+        raise ValueError(f"truncation dim must be in [1, {embeddings.shape[-1]}], got {dim}")
+    return torch.nn.functional.normalize(embeddings[..., :dim].float(), dim=-1)
+
+
+class ReplayEncoder:
+    """An `encode_fn` that records every call's embeddings, so the same evaluation can be scored again
+    at truncated dimensions without encoding anything twice.
+
+    The task runners call `encode_fn` in a fixed order for fixed inputs; `at_dim(d)` returns an
+    `encode_fn` that replays the recorded calls in that order, cut to d dims and re-normalised, and
+    refuses a call that does not match the recording (different count or prompt style).
+    """
+
+    def __init__(self, encode_fn):
+        self.encode_fn = encode_fn
+        self.calls = []
+
+    def __call__(self, items, prompt_style):
+        embeddings = self.encode_fn(items, prompt_style)
+        self.calls.append((len(items), prompt_style, embeddings))
+        return embeddings
+
+    @property
+    def dim(self):
+        """Width of the recorded embeddings (None before the first call)."""
+        return self.calls[0][2].shape[-1] if self.calls else None
+
+    def at_dim(self, dim):
+        replay = iter(list(self.calls))
+
+        def encode_fn(items, prompt_style):
+            count, style, embeddings = next(replay, (None, None, None))
+            if count != len(items) or style != prompt_style:
+                raise RuntimeError("the truncated evaluation pass made calls the recorded pass did not")
+            return truncate_embeddings(embeddings, dim)
+        return encode_fn
+
+
 def model_evaluation(runner, processor, batch_size=32, **runner_kwargs):
     """`(model) -> metrics` running `runner(encode_fn=..., **runner_kwargs)`; for `training.callbacks.EmbeddingEvalCallback`."""
     def evaluate(model):

@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType
 
 from .distributed import gather_with_grad
 from .gradcache import embed, gradcache_step
-from .losses import hard_negative_infonce_loss
+from .losses import check_matryoshka, hard_negative_infonce_loss, matryoshka_loss, record_matryoshka_dims
 from .mmeb_data import MMEBCollator
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
@@ -54,6 +54,14 @@ class HardNegativeConfig(UniMETrainingConfig):
     max_length: int | None = field(
         default=None, metadata={"help": "Cut each text to this many tokens (image tokens not counted)."}
     )
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka prefix sizes, strictly increasing, e.g. [64, 128, 256, 512, D]: the loss is "
+                          "summed over the first d dims of the embeddings, re-normalised (None = off)."},
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per Matryoshka dim (default: 1.0 each, as in MRL)."}
+    )
     ddp_broadcast_buffers: bool | None = field(
         default=False,
         metadata={"help": "Kept False: GradCache runs a data-dependent number of forwards per step, and a "
@@ -69,6 +77,11 @@ class HardNegativeConfig(UniMETrainingConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
+                                                                                      self.matryoshka_weights))
+        elif self.matryoshka_weights is not None:
+            raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
         if self.false_negative_margin is not None and not isinstance(self.false_negative_margin, (int, float)):
             raise ValueError(f"false_negative_margin must be a number or None, got {self.false_negative_margin!r}")
 
@@ -106,16 +119,30 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
                                          max_length=args.max_length)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
         self.num_skipped_pairs = 0
+        if args.matryoshka_dims:
+            record_matryoshka_dims(self.unime_model(), args.matryoshka_dims)
 
     def contrastive_loss(self, query, target):
-        """`hard_negative_infonce_loss` with this run's settings: `[B, D]` x 2 -> `(loss, stats)`."""
-        return hard_negative_infonce_loss(
-            query,
-            target,
-            temperature=self.args.contrastive_temperature,
-            num_hard_negatives=self.args.num_hard_negatives,
-            false_negative_margin=self.args.false_negative_margin,
-        )
+        """`hard_negative_infonce_loss` with this run's settings: `[B, D]` x 2 -> `(loss, stats)`.
+
+        With `matryoshka_dims`, the weighted sum of the loss over the re-normalised prefixes
+        (`matryoshka_loss`); the stats are those of the largest dim. GradCache uses this function as
+        its loss, so its gradients stay those of the whole sum.
+        """
+        def loss_at(query_d, target_d):
+            return hard_negative_infonce_loss(
+                query_d,
+                target_d,
+                temperature=self.args.contrastive_temperature,
+                num_hard_negatives=self.args.num_hard_negatives,
+                false_negative_margin=self.args.false_negative_margin,
+            )
+
+        if not self.args.matryoshka_dims:
+            return loss_at(query, target)
+        loss, per_dim = matryoshka_loss(loss_at, (query, target), self.args.matryoshka_dims,
+                                        self.args.matryoshka_weights)
+        return loss, per_dim[self.args.matryoshka_dims[-1]][1]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count_skipped(inputs, model.training)

@@ -1,4 +1,5 @@
-"""UniME training losses: stage-1 distillation (DESIGN §4.1) and stage-2 hard-negative InfoNCE (§4.2).
+"""UniME training losses: stage-1 distillation (DESIGN §4.1), stage-2 hard-negative InfoNCE (§4.2),
+and the Matryoshka wrapper that applies either to nested prefixes of the embeddings.
 
 Both losses take embeddings of the whole (already gathered) batch. Gathering across ranks lives in
 `training.distributed.gather_with_grad`, so each formula can be checked on one process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -318,3 +320,95 @@ def _check_margin(margin: object) -> None:
         raise TypeError(f"false_negative_margin must be a number or None, got {margin!r}")
     if not math.isfinite(margin):
         raise ValueError(f"false_negative_margin must be finite (or None to disable the filter), got {margin!r}")
+
+
+def matryoshka_loss(
+    loss_fn: Callable[..., torch.Tensor | tuple],
+    embeddings: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, dict[int, object]]:
+    r"""Matryoshka representation learning (Kusupati et al., 2022): one loss on nested prefixes.
+
+    Every tensor in ``embeddings`` is cut to its first :math:`d_m` dimensions and re-normalised, the
+    stage's loss is computed on the cut batch, and the losses are summed with weights :math:`c_m`:
+
+    .. math::
+        e^{(d)} = \frac{e_{1:d}}{\lVert e_{1:d} \rVert_2}, \qquad
+        L_{MRL} = \sum_{m=1}^{M} c_m \, L\big(e^{(d_m)}_1, \dots, e^{(d_m)}_k\big)
+
+    (MRL's default is :math:`c_m = 1`). The largest :math:`d_M` is normally the full dimension D,
+    so the full embedding keeps its own loss term. Each term is a function of the embeddings only,
+    so GradCache stays exact when this is its loss function (it differentiates the whole sum w.r.t.
+    the cached embeddings).
+
+    Args:
+        loss_fn: `(*cut_embeddings) -> loss` or `-> (loss, aux)` (e.g. `hard_negative_infonce_loss`
+            with its settings bound); each `[B, d_m]` input is L2-normalised.
+        embeddings: tensors `[B_i, D_i]` to cut (e.g. `(query, target)`; for stage-1 distillation
+            only the student, the teacher stays whole).
+        dims: strictly increasing prefix sizes `d_1 < ... < d_M`, each <= every `D_i`.
+        weights: `c_m`, one non-negative number per dim; default all 1.
+
+    Returns:
+        `(loss, outputs)`: the scalar weighted sum and `{d_m: loss_fn's output at d_m}`.
+
+    Example::
+
+        >>> query = F.normalize(torch.randn(16, 64), dim=-1)
+        >>> target = F.normalize(torch.randn(16, 64), dim=-1)
+        >>> loss, per_dim = matryoshka_loss(lambda q, t: hard_negative_infonce_loss(q, t)[0],
+        ...                                 (query, target), dims=[16, 32, 64])
+        >>> sorted(per_dim)
+        [16, 32, 64]
+    """
+    dims, weights = check_matryoshka(dims, weights)
+    widths = {tensor.shape[-1] for tensor in embeddings}
+    if dims[-1] > min(widths):
+        raise ValueError(f"matryoshka dims {list(dims)} exceed the embedding dimension {min(widths)}")
+    total, outputs = None, {}
+    for dim, weight in zip(dims, weights):
+        output = loss_fn(*(F.normalize(tensor[..., :dim], dim=-1) for tensor in embeddings))
+        outputs[dim] = output
+        term = weight * (output[0] if isinstance(output, tuple) else output)
+        total = term if total is None else total + term
+    return total, outputs
+
+
+def check_matryoshka(dims: object, weights: object = None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate Matryoshka settings; returns `(dims, weights)` as tuples (weights default to 1.0 each).
+
+    Raises:
+        ValueError / TypeError naming the bad entry: dims not strictly increasing positive ints,
+        weights not one finite non-negative number per dim (with at least one positive).
+    """
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+        raise TypeError(f"matryoshka_dims must be a non-empty list of ints, got {dims!r}")
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"matryoshka_dims entries must be positive ints, got {dim!r} in {list(dims)}")
+    if any(a >= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims)}")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights must give one number per dim ({len(dims)}), got {weights!r}")
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"matryoshka_weights entries must be finite numbers >= 0, got {weight!r}")
+    if not any(weight > 0 for weight in weights):
+        raise ValueError(f"matryoshka_weights must have at least one positive weight, got {list(weights)}")
+    return tuple(int(d) for d in dims), tuple(float(w) for w in weights)
+
+
+def record_matryoshka_dims(model, dims: Sequence[int]) -> None:
+    """Store the trained prefix sizes in `model.config.matryoshka_dims` (a [`UniMEModel`]), so
+    `encode(truncate_dim=d)`, the model card and exports know them.
+
+    Raises:
+        ValueError: the largest dim exceeds the model's embedding dimension.
+    """
+    hidden = model.config.text_hidden_size
+    if dims[-1] > hidden:
+        raise ValueError(f"matryoshka_dims {list(dims)} exceed the model's embedding dimension {hidden}")
+    model.config.matryoshka_dims = [int(d) for d in dims]

@@ -1,5 +1,6 @@
 """The demo's ablation: the shape of the paper's Table 3 (stages) and Tables 4-5 (false-negative
-margin beta, number of hard negatives k) at toy scale, every row over several seeds (mean ± std)."""
+margin beta, number of hard negatives k) at toy scale, plus Matryoshka training off/on scored at
+truncated sizes, every row over several seeds (mean ± std)."""
 
 import copy
 import dataclasses
@@ -31,8 +32,13 @@ ABLATION_ROWS = (
     ("stage 1 + 2, k=32", True, {"num_hard_negatives": 32}),
     ("stage 1 + 2, β=0.0", True, {"false_negative_margin": 0.0}),
     ("stage 1 + 2, β=0.3", True, {"false_negative_margin": 0.3}),
+    ("stage 1 + 2, Matryoshka [16, 32, 64]", True, {"matryoshka_dims": [16, 32, 64]}),
 )
 REFERENCE_ROW = "stage 1 + 2 (k=8, β=0.1)"
+# Matryoshka off (the reference row) against on, both scored at truncated sizes of the 64-dim embedding.
+MATRYOSHKA_ROWS = (REFERENCE_ROW, "stage 1 + 2, Matryoshka [16, 32, 64]")
+TRUNCATED_DIMS = (16, 32)
+MATRYOSHKA_METRICS = ("MMEB avg P@1", "t2i R@1", "compositional acc")
 # 24 stage-2 runs (8 rows x 3 seeds) must fit in about half an hour on 2 cores.
 ABLATION_OVERRIDES = {"stage2_steps": 300}
 FALSE_NEGATIVE_COLUMN = "FalseNeg%"
@@ -46,27 +52,37 @@ def _false_negative_share(history):
 
 
 def run_seed(out_dir, settings, rows=ABLATION_ROWS):
-    """All rows for one seed: `{row name: headline metrics (+ FalseNeg%)}`; stage 1 runs once and is reused."""
+    """All rows for one seed: `{row name: headline metrics (+ FalseNeg%, + metrics at TRUNCATED_DIMS)}`;
+    stage 1 runs once per stage-1 setting (with or without Matryoshka) and is reused."""
     data, cache = prepare_data(out_dir, settings)
-    stage1_state = None
-    if any(stage1 for _, stage1, _ in rows):
-        model, processor = new_model(settings)
-        model, _ = run_stage1(model, processor, data, cache, out_dir / "stage1", settings)
-        stage1_state = copy.deepcopy(model.state_dict())
+    stage1_states = {}
     results = {}
     for name, stage1, overrides in rows:
+        row_settings = dataclasses.replace(settings, **(overrides or {}))
         model, processor = new_model(settings)
         if stage1:
-            model.load_state_dict(stage1_state)
+            key = tuple(row_settings.matryoshka_dims or ())
+            if key not in stage1_states:
+                model, _ = run_stage1(model, processor, data, cache, out_dir / "stage1", row_settings)
+                stage1_states[key] = copy.deepcopy(model.state_dict())
+            model.load_state_dict(stage1_states[key])
         metrics = {}
         if overrides is not None:
-            row_settings = dataclasses.replace(settings, **overrides)
             model, history = run_stage2(model, processor, data, out_dir / "stage2", row_settings)
             metrics[FALSE_NEGATIVE_COLUMN] = _false_negative_share(history)
-        metrics.update(headline(evaluate(model, processor, data, settings)))
+        results_all = evaluate(model, processor, data, settings, truncate_dims=TRUNCATED_DIMS)
+        metrics.update(headline(results_all))
+        for dim in TRUNCATED_DIMS:
+            metrics.update({truncated_column(column, dim): value
+                            for column, value in headline(results_all, dim).items()})
         results[name] = metrics
         print(f"[seed {settings.seed}] {name}: {metrics}", flush=True)
     return results
+
+
+def truncated_column(column, dim):
+    """Table column of a headline metric scored on the first `dim` dimensions."""
+    return f"{column} @{dim}"
 
 
 def summarize(per_seed):
@@ -82,27 +98,28 @@ def summarize(per_seed):
     return summary
 
 
-def seed_results(out_dir, settings):
+def seed_results(out_dir, settings, rows=ABLATION_ROWS):
     """One seed's rows, computed once and kept in `<out_dir>/results.json` (so seeds can run as
     separate processes, e.g. one per core, and a later call only summarises)."""
     cached = out_dir / "results.json"
     if cached.is_file():
         stored = json.loads(cached.read_text())
-        if stored["settings"] == dataclasses.asdict(settings):
+        if stored["settings"] == dataclasses.asdict(settings) and list(stored["rows"]) == [r[0] for r in rows]:
             return stored["rows"]
-    rows = run_seed(out_dir, settings)
-    write_json(cached, {"settings": dataclasses.asdict(settings), "rows": rows})
-    return rows
+    results = run_seed(out_dir, settings, rows)
+    write_json(cached, {"settings": dataclasses.asdict(settings), "rows": results})
+    return results
 
 
-def run_ablation(out_dir, settings, seeds):
-    """Run every row for every seed; with 2+ seeds write `ablation.md` and `ablation.json` under `out_dir`."""
+def run_ablation(out_dir, settings, seeds, rows=ABLATION_ROWS):
+    """Run `rows` (default: all) for every seed; with 2+ seeds write `ablation.md` and `ablation.json`
+    under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # GradCache gives the same gradients (tests/test_gradcache.py), so the ablation skips it for speed.
     ablation_settings = dataclasses.replace(settings, gradcache_chunk_size=None, **ABLATION_OVERRIDES)
-    per_seed = {seed: seed_results(out_dir / f"seed_{seed}", dataclasses.replace(ablation_settings, seed=seed))
+    per_seed = {seed: seed_results(out_dir / f"seed_{seed}", dataclasses.replace(ablation_settings, seed=seed), rows)
                 for seed in seeds}
     if len(seeds) < 2:
         print(f"seed {seeds[0]} done; run again with all seeds (>= 2, 3 recommended) to get the table")
@@ -111,7 +128,17 @@ def run_ablation(out_dir, settings, seeds):
     columns = (*HEADLINE_COLUMNS, FALSE_NEGATIVE_COLUMN)
     for metrics in summary.values():
         metrics.setdefault(FALSE_NEGATIVE_COLUMN, (0.0, 0.0))
-    table = markdown_table(summary, columns=columns, label=f"row (mean ± std over seeds {list(seeds)})")
+    label = f"row (mean ± std over seeds {list(seeds)})"
+    table = markdown_table(summary, columns=columns, label=label)
+    matryoshka = {row: summary[row] for row in MATRYOSHKA_ROWS if row in summary}
+    if matryoshka:
+        dims = (*TRUNCATED_DIMS, settings.hidden_size)
+        for metrics in matryoshka.values():
+            for column in MATRYOSHKA_METRICS:
+                metrics[truncated_column(column, settings.hidden_size)] = metrics[column]
+        matryoshka_columns = [truncated_column(column, dim) for column in MATRYOSHKA_METRICS for dim in dims]
+        table += "\n\nMatryoshka off / on, scored on the first d dimensions re-normalised:\n\n" + markdown_table(
+            matryoshka, columns=matryoshka_columns, label=label)
     minutes = (time.time() - started) / 60
     text = "\n\n".join([
         "# UniME demo ablation",

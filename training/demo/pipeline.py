@@ -53,6 +53,7 @@ class DemoSettings:
     false_negative_margin: float | None = 0.1
     gradcache_chunk_size: int | None = 32
     eval_batch_size: int = 64
+    matryoshka_dims: list[int] | None = None  # e.g. [16, 32, 64]: Matryoshka loss in both stages
     extra: dict = field(default_factory=dict)
 
 
@@ -91,7 +92,7 @@ def run_stage1(model, processor, dataset, cache, out_dir, settings):
     train = load_distillation_dataset(str(dataset.stage1_train), str(cache), columns=STAGE1_COLUMNS)
     args = DistillationConfig(**_common_args(Path(out_dir) / "stage1", settings, settings.stage1_steps,
                                              settings.stage1_batch_size, settings.stage1_learning_rate),
-                              kd_temperature=settings.kd_temperature)
+                              kd_temperature=settings.kd_temperature, matryoshka_dims=settings.matryoshka_dims)
     trainer = UniMEDistillationTrainer(model=model, args=args, processor=processor, train_dataset=train)
     trainer.train()
     record_training_stage(trainer.unime_model(), trainer_stage_record(
@@ -107,7 +108,8 @@ def run_stage2(model, processor, dataset, out_dir, settings):
                               contrastive_temperature=settings.contrastive_temperature,
                               num_hard_negatives=settings.num_hard_negatives,
                               false_negative_margin=settings.false_negative_margin,
-                              gradcache_chunk_size=settings.gradcache_chunk_size, image_size=settings.image_size)
+                              gradcache_chunk_size=settings.gradcache_chunk_size, image_size=settings.image_size,
+                              matryoshka_dims=settings.matryoshka_dims)
     collator = MMEBCollator(processor, image_root=dataset.image_root, image_size=settings.image_size,
                             chunk_size=settings.gradcache_chunk_size)
     trainer = UniMEHardNegativeTrainer(model=model, args=args, processor=processor, train_dataset=train,
@@ -129,19 +131,21 @@ def _merged(trainer):
     return model.eval()
 
 
-def evaluate(model, processor, dataset, settings):
-    """Held-out MMEB-style P@1, retrieval R@K and compositional accuracy: `{task: {metric: fraction}}`."""
+def evaluate(model, processor, dataset, settings, truncate_dims=None):
+    """Held-out MMEB-style P@1, retrieval R@K and compositional accuracy: `{task: {metric: fraction}}`
+    (plus `{task}@{d}` entries at truncated sizes, see `evaluate_suite`)."""
     return evaluate_suite(model, processor, image_size=settings.image_size, batch_size=settings.eval_batch_size,
-                          **demo_suite_inputs(dataset))
+                          truncate_dims=truncate_dims, **demo_suite_inputs(dataset))
 
 
-def headline(results):
-    """The few numbers a table row shows (percent)."""
+def headline(results, dim=None):
+    """The few numbers a table row shows (percent); with `dim`, those of the `{task}@{dim}` entries."""
+    suffix = "" if dim is None else f"@{dim}"
     return {
-        "MMEB avg P@1": 100 * results["mmeb"]["average"],
-        "t2i R@1": 100 * results["retrieval"]["t2i_R@1"],
-        "i2t R@1": 100 * results["retrieval"]["i2t_R@1"],
-        "compositional acc": 100 * results["compositional"]["overall"],
+        "MMEB avg P@1": 100 * results["mmeb" + suffix]["average"],
+        "t2i R@1": 100 * results["retrieval" + suffix]["t2i_R@1"],
+        "i2t R@1": 100 * results["retrieval" + suffix]["i2t_R@1"],
+        "compositional acc": 100 * results["compositional" + suffix]["overall"],
     }
 
 

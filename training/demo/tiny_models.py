@@ -22,6 +22,7 @@ from modeling_unime.processing_unime import BACKBONE_PROCESSOR_CLASSES
 FAMILIES = tuple(BACKBONE_PROCESSOR_CLASSES)
 EXTRA_SPECIAL_TOKENS = ["<image>", "<video>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 TINY_IMAGE_SIZE = 28  # two 14-pixel patches a side for the CLIP/SigLIP towers
+QWEN3_VL_PATCH = 16  # Qwen3-VL's ViT uses 16-pixel patches (Qwen2-VL: 14)
 
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -38,6 +39,71 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL-*-Instruct's chat template (the Hub `chat_template.json`), written out: unlike Qwen2-VL it
+# adds no default system turn.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {%- if messages[0].content is string %}\n            {{- messages[0].content }}\n        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n                {%- if 'text' in content %}\n"
+    "                    {{- content.text }}\n                {%- endif %}\n            {%- endfor %}\n"
+    "        {%- endif %}\n        {{- '\\n\\n' }}\n    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n"
+    "        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0].role == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' }}\n        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n        {%- else %}\n            {%- for content in messages[0].content %}\n"
+    "                {%- if 'text' in content %}\n                    {{- content.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {{- '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- set image_count = namespace(value=0) %}\n{%- set video_count = namespace(value=0) %}\n"
+    "{%- for message in messages %}\n    {%- if message.role == \"user\" %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n        {%- else %}\n            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
+    "                {%- elif 'text' in content %}\n                    {{- content.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    "        {%- if message.content is string %}\n            {{- message.content }}\n        {%- else %}\n"
+    "            {%- for content_item in message.content %}\n                {%- if 'text' in content_item %}\n"
+    "                    {{- content_item.text }}\n                {%- endif %}\n            {%- endfor %}\n"
+    "        {%- endif %}\n        {%- if message.tool_calls %}\n            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and message.content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
+    "                {%- endif %}\n                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
+    "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {%- if message.content is string %}\n            {{- message.content }}\n        {%- else %}\n"
+    "            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n"
+    "                {%- elif 'text' in content %}\n                    {{- content.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+
 LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
@@ -49,6 +115,7 @@ LLAVA_ONEVISION_CHAT_TEMPLATE = (
 CHAT_TEMPLATES = {
     "qwen2_vl": QWEN2_VL_CHAT_TEMPLATE,
     "qwen2_5_vl": QWEN2_VL_CHAT_TEMPLATE,
+    "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE,
     "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
 }
 
@@ -115,6 +182,8 @@ def tiny_backbone_config(family, vocab_size, hidden_size=32):
         text.pop("model_type")
         return config_class(text_config=text, vision_config=vision, image_token_id=151655,
                             video_token_id=151656, vision_start_token_id=151652)
+    if family == "qwen3_vl":
+        return _tiny_qwen3_vl_config(vocab_size, hidden_size)
     image_token_id = tokenizer_ids["<image>"]
     text = _tiny_text_config(vocab_size, hidden_size)
     if family == "llava":
@@ -134,6 +203,23 @@ def tiny_backbone_config(family, vocab_size, hidden_size=32):
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
+def _tiny_qwen3_vl_config(vocab_size, hidden_size):
+    """Qwen3-VL: Qwen3 text model (QK-norm, interleaved M-RoPE) + 16-pixel-patch ViT with DeepStack."""
+    head_dim = hidden_size // 4
+    half = head_dim // 2
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                                 "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                  patch_size=QWEN3_VL_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                                      video_token_id=151656, vision_start_token_id=151652,
+                                      vision_end_token_id=151653)
+
+
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer_ids():
     """Ids of the added LLaVA / Llama-3 special tokens (read once; the ids never change)."""
@@ -146,6 +232,10 @@ def tiny_image_processor(family):
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
                                                      merge_size=2, temporal_patch_size=2)
+    if family == "qwen3_vl":
+        side = 2 * 2 * QWEN3_VL_PATCH  # one merged token = 2x2 patches
+        return transformers.Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=4 * side * side,
+                                                     patch_size=QWEN3_VL_PATCH, merge_size=2, temporal_patch_size=2)
     size = {"shortest_edge": TINY_IMAGE_SIZE}
     crop = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     if family == "llava":
