@@ -239,7 +239,7 @@ def save_for_serving(model, save_directory, processor=None, max_shard_size="5GB"
         native.save_pretrained(staging, state_dict=native_state_dict(model), max_shard_size=max_shard_size)
         if processor is not None:
             _write_processor(processor, staging, serving_chat_template(processor.prompt_templates))
-        write_sentence_transformers_metadata(staging, model.config.text_hidden_size, model.config.max_length,
+        write_sentence_transformers_metadata(staging, model.config.text_hidden_size, model.config.max_sequence_tokens,
                                              normalize=model.config.normalize)
         os.chmod(staging, 0o755)
         _publish(staging, output_dir)
