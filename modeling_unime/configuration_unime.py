@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .prompts import family_for_model_type
+from .prompts import SUPPORTED_BACKBONES, family_for_model_type, validate_prompt_templates
 
 
 class UniMEConfig(PretrainedConfig):
@@ -51,6 +51,7 @@ class UniMEConfig(PretrainedConfig):
         max_length=None,
         **kwargs,
     ):
+        _check_values(backbone_config, backbone_family, normalize, max_length)
         if isinstance(backbone_config, dict):
             if "model_type" not in backbone_config:
                 raise ValueError("backbone_config dict needs a 'model_type' key naming the backbone")
@@ -70,6 +71,13 @@ class UniMEConfig(PretrainedConfig):
         self.prompt_templates = prompt_templates
         self.max_length = max_length
 
+    def __setattr__(self, key, value):
+        # Checked when set as well as when built or loaded: a template without `<sent>` would make every
+        # text embed the same, and nothing downstream could tell.
+        if key == "prompt_templates":
+            validate_prompt_templates(value)
+        super().__setattr__(key, value)
+
     @property
     def text_hidden_size(self):
         """Embedding dimension: the backbone language model's hidden size."""
@@ -82,3 +90,15 @@ class UniMEConfig(PretrainedConfig):
         if self.max_length is not None:
             return self.max_length
         return getattr(self.backbone_config.get_text_config(), "max_position_embeddings", None)
+
+
+def _check_values(backbone_config, backbone_family, normalize, max_length):
+    """Type and range of the plain fields, each error naming the field and the value."""
+    if backbone_config is not None and not isinstance(backbone_config, (dict, PretrainedConfig)):
+        raise TypeError(f"backbone_config must be a dict or a PretrainedConfig, got {type(backbone_config).__name__}")
+    if backbone_family is not None and backbone_family not in SUPPORTED_BACKBONES.values():
+        raise ValueError(f"backbone_family={backbone_family!r}; expected one of {sorted(set(SUPPORTED_BACKBONES.values()))}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int (tokens) or None, got {max_length!r}")

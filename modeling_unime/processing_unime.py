@@ -14,6 +14,7 @@ from .prompts import (
     family_for_model_type,
     format_instruction_prompt,
     format_summary_prompt,
+    validate_prompt_templates,
 )
 
 BACKBONE_PROCESSOR_CLASSES = {
@@ -152,6 +153,7 @@ class UniMEProcessor(ProcessorMixin):
                 f"backbone_family={backbone_family!r} is not supported; expected one of "
                 f"{sorted(BACKBONE_PROCESSOR_CLASSES)}."
             )
+        validate_prompt_templates(prompt_templates)
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
         self.tokenizer.padding_side = "left"
         self.backbone_family = backbone_family
