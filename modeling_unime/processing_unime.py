@@ -6,6 +6,7 @@ import transformers
 from transformers import AutoTokenizer, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
+from .checkpoint_files import check_processor_folder
 from .inputs import check_text, load_image
 from .prompts import (
     CHAT_TEMPLATE_FAMILIES,
@@ -193,6 +194,7 @@ class UniMEProcessor(ProcessorMixin):
         without torchvision on every transformers 5.x release.
         """
         path = pretrained_model_name_or_path
+        check_processor_folder(path)
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         settings = _read_optional_json(path, "processor_config.json", **hub_kwargs)
         if "backbone_family" not in settings:
