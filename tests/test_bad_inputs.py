@@ -6,8 +6,8 @@ encode and processor rows also assert that the backbone never ran. Documented be
 - A text longer than the model's context (`config.max_length`, default the language model's
   `max_position_embeddings`) is refused by `encode` with a `ValueError` naming the item and its token
   count; nothing is truncated silently. (The trainers' collators truncate only when given `max_length`.)
-- Unusual but valid images (1x1, grayscale, RGBA, CMYK, palette, 16-bit, float, large) are converted
-  to RGB and embed exactly like their RGB conversion (`test_unusual_valid_images_embed_as_their_rgb_conversion`).
+- Unusual but valid images (16/32-bit, float, transparent, CMYK, palette, huge) are converted to RGB
+  as `modeling_unime.inputs.load_image` documents (tests/bad_inputs/test_bad_images.py).
 - Unreadable training images are a `BadImageError` (a ValueError) naming file and row, or with
   `skip_bad_images=True` a counted skip (`test_collator_counts_skipped_pairs`).
 """
