@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .prompts import family_for_model_type
+from .prompts import SUPPORTED_BACKBONES, family_for_model_type, validate_prompt_templates
 
 # MMEB writes one retrieval instruction per task ("Retrieve an image of this news caption.", ...); this
 # is a task-neutral one in the same style. Documents are embedded without an instruction, as in MMEB.
@@ -70,12 +70,14 @@ class UniMEConfig(PretrainedConfig):
     ):
         # Checkpoints and code written before the rename spell it `max_length`.
         legacy_max_length = kwargs.pop("max_length", None)
-        if max_sequence_tokens is None:
-            max_sequence_tokens = legacy_max_length
+        name = "max_sequence_tokens"
+        if max_sequence_tokens is None and legacy_max_length is not None:
+            max_sequence_tokens, name = legacy_max_length, "max_length"
         if max_sequence_tokens is not None and (
             isinstance(max_sequence_tokens, bool) or not isinstance(max_sequence_tokens, int) or max_sequence_tokens < 1
         ):
-            raise ValueError(f"max_sequence_tokens must be a positive int or None, got {max_sequence_tokens!r}")
+            raise ValueError(f"{name} must be a positive int (tokens) or None, got {max_sequence_tokens!r}")
+        _check_values(backbone_config, backbone_family, normalize)
         prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
         for name, prompt in prompts.items():
             if not isinstance(name, str) or not isinstance(prompt, str):
@@ -100,6 +102,13 @@ class UniMEConfig(PretrainedConfig):
         self.max_sequence_tokens = max_sequence_tokens
         self.prompts = prompts
         self.matryoshka_dims = _check_matryoshka_dims(matryoshka_dims, backbone_config)
+
+    def __setattr__(self, key, value):
+        # Checked when set as well as when built or loaded: a template without `<sent>` would make every
+        # text embed the same, and nothing downstream could tell.
+        if key == "prompt_templates":
+            validate_prompt_templates(value)
+        super().__setattr__(key, value)
 
     @property
     def text_hidden_size(self):
@@ -129,3 +138,13 @@ def _check_matryoshka_dims(dims, backbone_config):
         raise ValueError(f"matryoshka_dims {list(dims)} exceed the embedding dimension "
                          f"{backbone_config.get_text_config().hidden_size}")
     return list(dims)
+
+
+def _check_values(backbone_config, backbone_family, normalize):
+    """Type and range of the plain fields, each error naming the field and the value."""
+    if backbone_config is not None and not isinstance(backbone_config, (dict, PretrainedConfig)):
+        raise TypeError(f"backbone_config must be a dict or a PretrainedConfig, got {type(backbone_config).__name__}")
+    if backbone_family is not None and backbone_family not in SUPPORTED_BACKBONES.values():
+        raise ValueError(f"backbone_family={backbone_family!r}; expected one of {sorted(set(SUPPORTED_BACKBONES.values()))}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")

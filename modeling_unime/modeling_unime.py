@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from .checkpoint_files import check_unime_checkpoint
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
 from .hub import pop_push_kwargs, push_checkpoint, push_model_to_hub
@@ -182,10 +183,19 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`,
         and raises `ValueError` instead of randomly initialising weights missing from the checkpoint."""
+        check_unime_checkpoint(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                              output_loading_info=True, **kwargs)
+        # Loaded with mismatches allowed so that the error below can name the key (transformers' names none).
+        strict_shapes = not kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
+        if strict_shapes and info["mismatched_keys"]:
+            key, stored, expected = sorted(info["mismatched_keys"])[0]
+            raise ValueError(
+                f"{str(pretrained_model_name_or_path)!r}: weight {key!r} has shape {tuple(stored)} in the checkpoint, "
+                f"the config needs {tuple(expected)} ({len(info['mismatched_keys'])} mismatched weights)"
+            )
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             raise ValueError(

@@ -6,6 +6,7 @@ import transformers
 from transformers import AutoTokenizer, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
+from .checkpoint_files import check_processor_folder
 from .inputs import check_text, load_image
 from .prompts import (
     CHAT_TEMPLATE_FAMILIES,
@@ -14,6 +15,7 @@ from .prompts import (
     family_for_model_type,
     format_instruction_prompt,
     format_summary_prompt,
+    validate_prompt_templates,
 )
 
 BACKBONE_PROCESSOR_CLASSES = {
@@ -161,6 +163,7 @@ class UniMEProcessor(ProcessorMixin):
                 f"backbone_family={backbone_family!r} is not supported; expected one of "
                 f"{sorted(BACKBONE_PROCESSOR_CLASSES)}."
             )
+        validate_prompt_templates(prompt_templates)
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
         self.tokenizer.padding_side = "left"
         self.backbone_family = backbone_family
@@ -200,6 +203,7 @@ class UniMEProcessor(ProcessorMixin):
         without torchvision on every transformers 5.x release.
         """
         path = pretrained_model_name_or_path
+        check_processor_folder(path)
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         settings = _read_optional_json(path, "processor_config.json", **hub_kwargs)
         if "backbone_family" not in settings:

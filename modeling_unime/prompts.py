@@ -145,3 +145,41 @@ def format_instruction_prompt(templates, text, has_image, instruction=None):
     if not has_image and MMEB_IMAGE_PLACEHOLDER in prompt:
         raise ValueError(f"text {prompt[:60]!r} contains {MMEB_IMAGE_PLACEHOLDER} but the item has no image")
     return prompt.replace(MMEB_IMAGE_PLACEHOLDER, image_token)
+
+
+PROMPT_TEMPLATE_KEYS = ("text", "image", "fused", "image_token")
+
+
+def validate_prompt_templates(templates, where="prompt_templates"):
+    """Return `templates` (or None) if it can format every kind of item; raise naming the entry otherwise.
+
+    A usable table is a dict of strings with the keys of `PROMPT_TEMPLATE_KEYS`. `text` and `fused`
+    must contain `<sent>` (without it every text would embed the same), `image` must not (an
+    image-only item has no text to put there), and `image` and `fused` must contain `image_token`
+    (the backbone's image placeholder, or the image would not be placed). Extra keys are kept.
+
+    Raises:
+        TypeError: `templates` is not a dict, or an entry is not a string.
+        ValueError: a required entry is missing or an entry lacks (or has) a placeholder.
+    """
+    if templates is None:
+        return None
+    if not isinstance(templates, dict):
+        raise TypeError(f"{where} must be a dict with keys {list(PROMPT_TEMPLATE_KEYS)}, got {type(templates).__name__}")
+    missing = [key for key in PROMPT_TEMPLATE_KEYS if key not in templates]
+    if missing:
+        raise ValueError(f"{where} is missing the entries {missing}; expected keys {list(PROMPT_TEMPLATE_KEYS)}")
+    for key, value in templates.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{where}[{key!r}] must be a string, got {type(value).__name__}")
+    if not templates["image_token"].strip():
+        raise ValueError(f"{where}['image_token'] is empty; expected the backbone's image placeholder")
+    for key in ("text", "fused"):
+        if TEXT_PLACEHOLDER not in templates[key]:
+            raise ValueError(f"{where}[{key!r}] has no {TEXT_PLACEHOLDER!r}: every text would embed the same")
+    if TEXT_PLACEHOLDER in templates["image"]:
+        raise ValueError(f"{where}['image'] contains {TEXT_PLACEHOLDER!r}, but image-only items have no text")
+    for key in ("image", "fused"):
+        if templates["image_token"] not in templates[key]:
+            raise ValueError(f"{where}[{key!r}] does not contain the image token {templates['image_token']!r}")
+    return templates

@@ -6,8 +6,8 @@ encode and processor rows also assert that the backbone never ran. Documented be
 - A text longer than the model's context (`config.max_length`, default the language model's
   `max_position_embeddings`) is refused by `encode` with a `ValueError` naming the item and its token
   count; nothing is truncated silently. (The trainers' collators truncate only when given `max_length`.)
-- Unusual but valid images (1x1, grayscale, RGBA, CMYK, palette, 16-bit, float, large) are converted
-  to RGB and embed exactly like their RGB conversion (`test_unusual_valid_images_embed_as_their_rgb_conversion`).
+- Unusual but valid images (16/32-bit, float, transparent, CMYK, palette, huge) are converted to RGB
+  as `modeling_unime.inputs.load_image` documents (tests/bad_inputs/test_bad_images.py).
 - Unreadable training images are a `BadImageError` (a ValueError) naming file and row, or with
   `skip_bad_images=True` a counted skip (`test_collator_counts_skipped_pairs`).
 """
@@ -26,7 +26,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modeling_unime import UniMEConfig, UniMEModel, UniMEProcessor
@@ -269,7 +269,7 @@ TRAIN_TABLE_CASES = [
     case("<|image_1|> without an image", [pair(qry_image_path="")], ValueError,
          r"^MMEB record \(file '.*pairs\.jsonl', row 0\): 'qry' contains <\|image_1\|> but 'qry_image_path' is empty"),
     case("not JSON", [GOOD_PAIR, "{not json"], ValueError,
-         r"^cannot read '.*pairs\.jsonl' as a \.jsonl table: .*row 1"),
+         r"^'.*pairs\.jsonl', line 2: not valid JSON"),
     case("empty file", [], ValueError, r"^data file '.*pairs\.jsonl' is empty"),
 ]
 
@@ -454,8 +454,8 @@ CHECKPOINT_CASES = [
          r"^backbone_family='bert' is not supported"),
     case("checkpoint without its weights file", auto_load("no_weights"), OSError,
          r"no file named model\.safetensors found in directory .*no_weights"),
-    # Documented as is: safetensors' own error (the file is not named), never a half-loaded model.
-    case("truncated weights file", auto_load("truncated"), SafetensorError, r"incomplete metadata"),
+    case("truncated weights file", auto_load("truncated"), ValueError,
+         r"^weights file '.*truncated/model\.safetensors' is truncated"),
     case("checkpoint missing weights", auto_load("partial"), ValueError, r"partial.* missing .*layers\.1\.mlp"),
     case("backbone checkpoint missing weights", lambda root: UniMEModel.from_backbone(str(root / "partial_backbone")),
          ValueError, r"partial_backbone' is missing \d+ backbone weights"),

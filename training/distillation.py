@@ -27,8 +27,8 @@ import torch
 from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .gradcache import embed
-from .losses import KD_DIRECTIONS, check_matryoshka, distillation_loss, matryoshka_loss, record_matryoshka_dims
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig
+from .losses import KD_DIRECTIONS, _check_temperature, check_matryoshka, distillation_loss, matryoshka_loss, record_matryoshka_dims
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_bool, check_int
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
 LANGUAGE_MODEL_MARKER = "language_model."
@@ -79,15 +79,15 @@ class DistillationConfig(UniMETrainingConfig):
         super().__post_init__()
         if self.kd_direction not in KD_DIRECTIONS:
             raise ValueError(f"kd_direction={self.kd_direction!r}; expected one of {KD_DIRECTIONS}")
-        if not self.kd_temperature > 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature!r}")
+        _check_temperature(self.kd_temperature, "kd_temperature")  # the loss's own check, named for the field
+        check_bool("kd_mask_diagonal", self.kd_mask_diagonal)
+        check_int("max_length", self.max_length, optional=True)
+        check_bool("use_qlora", self.use_qlora)
         if self.matryoshka_dims is not None:
             self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
                                                                                       self.matryoshka_weights))
         elif self.matryoshka_weights is not None:
             raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be a positive number of tokens or None, got {self.max_length!r}")
         if self.lora_scope != "language_model":
             raise ValueError(
                 f"lora_scope={self.lora_scope!r}: stage 1 runs the language model only (the vision tower "

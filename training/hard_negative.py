@@ -21,9 +21,17 @@ from accelerate.utils import DistributedType
 
 from .distributed import gather_with_grad
 from .gradcache import embed, gradcache_step
-from .losses import check_matryoshka, hard_negative_infonce_loss, matryoshka_loss, record_matryoshka_dims
+from .losses import (
+    _check_margin,
+    _check_num_hard_negatives,
+    _check_temperature,
+    check_matryoshka,
+    hard_negative_infonce_loss,
+    matryoshka_loss,
+    record_matryoshka_dims,
+)
 from .mmeb_data import MMEBCollator
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_int
 
 
 @dataclass
@@ -71,19 +79,17 @@ class HardNegativeConfig(UniMETrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.contrastive_temperature, (int, float)) or not self.contrastive_temperature > 0:
-            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}")
-        for name in ("num_hard_negatives", "gradcache_chunk_size", "image_size", "max_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        # The loss's own checks, so the config refuses exactly what the loss would refuse mid-training.
+        _check_temperature(self.contrastive_temperature, "contrastive_temperature")
+        _check_num_hard_negatives(self.num_hard_negatives)
+        _check_margin(self.false_negative_margin)
+        for name in ("gradcache_chunk_size", "image_size", "max_length"):
+            check_int(name, getattr(self, name), optional=True)
         if self.matryoshka_dims is not None:
             self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
                                                                                       self.matryoshka_weights))
         elif self.matryoshka_weights is not None:
             raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
-        if self.false_negative_margin is not None and not isinstance(self.false_negative_margin, (int, float)):
-            raise ValueError(f"false_negative_margin must be a number or None, got {self.false_negative_margin!r}")
 
 
 class UniMEHardNegativeTrainer(UniMETrainerBase):

@@ -297,11 +297,11 @@ def _check_embeddings(name: str, tensor: object) -> None:
         raise ValueError(f"{name} must have shape [batch_size, dim], got shape {tuple(tensor.shape)}")
 
 
-def _check_temperature(temperature: object) -> None:
+def _check_temperature(temperature: object, name: str = "temperature") -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a positive number, got {temperature!r}")
+        raise TypeError(f"{name} must be a positive number, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
 
 
 def _check_num_hard_negatives(num_hard_negatives: object) -> None:

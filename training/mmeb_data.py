@@ -191,9 +191,17 @@ def _subset_files(folder: Path, split: str) -> dict[str, Path]:
     found = {}
     for entry in sorted(folder.iterdir()):
         if entry.is_file() and entry.suffix.lower() in _TABLE_EXTENSIONS:
-            found[entry.stem] = entry
+            name = entry.stem
         elif entry.is_dir() and sorted(entry.glob(f"{split}-*.parquet")):
-            found[entry.name] = entry
+            name = entry.name
+        else:
+            continue
+        if name in found:  # e.g. A.jsonl and A.json: taking either one would silently drop the other
+            raise ValueError(
+                f"subset {name!r} has two tables in {str(folder)!r}: {found[name].name!r} and {entry.name!r}; "
+                "keep one of them"
+            )
+        found[name] = entry
     if not found:
         raise ValueError(
             f"no subset tables in {str(folder)!r}: expected <subset>.jsonl/.json/.parquet/.csv files or "

@@ -4,6 +4,7 @@ teacher-cache builder and the MMEB-format stage-2 data."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -64,8 +65,44 @@ def load_table(
             _FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir
         )
     except datasets.exceptions.DatasetGenerationError as error:
-        # datasets says only "An error occurred while generating the dataset"; the cause says where.
+        # datasets says only "An error occurred while generating the dataset"; the cause says where
+        # (pyarrow counts rows from 0 in blocks, not lines), so a JSON file is read again to name the line.
+        where = _json_problem(path) if _FILE_BUILDERS[extension] == "json" else None
+        if where is not None:
+            raise ValueError(f"{path!r}, line {where[0]}: {where[1]}") from error
         raise ValueError(f"cannot read {path!r} as a {extension} table: {error.__cause__ or error}") from error
+
+
+def _json_problem(path: str) -> tuple[int, str] | None:
+    """`(line number, what is wrong)` for the first bad line of a JSON-lines file (or the JSON error of
+    a file holding one JSON array); None if every line is a JSON object. Blank lines are skipped,
+    as `datasets` skips them."""
+    with open(path, "rb") as handle:
+        first = handle.read(4096).lstrip()
+    if first.startswith(b"["):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        except json.JSONDecodeError as error:
+            return error.lineno, f"not valid JSON ({error.msg} at column {error.colno})"
+        except UnicodeDecodeError as error:
+            return 1, f"not UTF-8 text ({error.reason} at byte {error.start})"
+        return None
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, f"not UTF-8 text ({error.reason} at byte {error.start} of the line)"
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                return number, f"not valid JSON ({error.msg} at column {error.colno}); expected one JSON object per line"
+            if not isinstance(value, dict):
+                return number, f"holds a JSON {type(value).__name__}, expected one JSON object per line"
+    return None
 
 
 def _load_saved_dataset(path: str, split: str) -> datasets.Dataset:

@@ -41,10 +41,49 @@ def read_cache_metadata(path: str | os.PathLike) -> dict:
         raise ValueError(f"{os.fspath(path)!r} is not a safetensors file: {error}") from None
     if raw.get("format") != CACHE_FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a teacher cache (format {raw.get('format')})")
-    metadata = {k: raw[k] for k in ("teacher", "pooling", "query_prefix")}
-    metadata.update({k: int(raw[k]) for k in ("max_length", "num_rows", "dimension")})
-    metadata.update({k: json.loads(raw[k]) for k in ("columns", "fingerprints")})
+    where = f"teacher cache {os.fspath(path)!r}, metadata field"
+    missing = [key for key in _METADATA_CHECKS if key not in raw]
+    if missing:
+        raise ValueError(f"teacher cache {os.fspath(path)!r}: metadata fields {missing} are missing; rebuild the cache")
+    metadata = {}
+    for key, (decode, valid, expected) in _METADATA_CHECKS.items():
+        try:
+            value = decode(raw[key])
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            value = None
+            valid = _never
+        if not valid(value):
+            raise ValueError(f"{where} {key!r} is {raw[key]!r}, expected {expected}; rebuild the cache")
+        metadata[key] = value
+    if sorted(metadata["fingerprints"]) != sorted(metadata["columns"]):
+        raise ValueError(f"{where} 'fingerprints' lists columns {sorted(metadata['fingerprints'])}, 'columns' lists "
+                         f"{sorted(metadata['columns'])}; rebuild the cache")
     return metadata
+
+
+def _never(_):
+    return False
+
+
+def _is_count(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# Metadata field -> (decode the stored string, check the value, what was expected). Safetensors
+# metadata holds strings only: numbers and lists are stored as JSON.
+_METADATA_CHECKS = {
+    "teacher": (str, bool, "a non-empty teacher name"),
+    "pooling": (str, bool, "a non-empty pooling name"),
+    "query_prefix": (str, lambda value: True, "a string"),
+    "max_length": (json.loads, lambda value: _is_count(value, 1), "a positive int"),
+    "num_rows": (json.loads, lambda value: _is_count(value, 1), "a positive int"),
+    "dimension": (json.loads, lambda value: _is_count(value, 1), "a positive int"),
+    "columns": (json.loads, lambda value: isinstance(value, list) and bool(value)
+                and all(isinstance(c, str) and c for c in value), "a JSON list of column names"),
+    "fingerprints": (json.loads, lambda value: isinstance(value, dict)
+                     and all(isinstance(v, str) and len(v) == 64 for v in value.values()),
+                     "a JSON object {column: sha256 hex}"),
+}
 
 
 def metadata_differences(stored: dict, expected: dict) -> list[str]:

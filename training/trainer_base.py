@@ -1,6 +1,8 @@
 """What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves,
 atomic checkpoints and a stop on a non-finite loss."""
 
+import math
+import numbers
 import os
 import shutil
 from collections import defaultdict
@@ -18,6 +20,7 @@ from transformers.utils import logging as transformers_logging
 
 from .lora import (
     LANGUAGE_MODEL_LINEAR_LAYERS,
+    LORA_SCOPES,
     add_lora,
     publish_directory,
     save_merged_model,
@@ -70,6 +73,47 @@ class UniMETrainingConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the UniME collators need the raw text/image columns."}
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("lora_rank", self.lora_rank, minimum=0)
+        if self.lora_alpha is not None:
+            check_number("lora_alpha", self.lora_alpha, positive=True)
+        check_number("lora_dropout", self.lora_dropout)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        targets = self.lora_target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets or not all(
+            isinstance(name, str) and name for name in targets
+        ):
+            raise TypeError(f"lora_target_modules must be a non-empty list of layer names, got {targets!r}")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"lora_scope={self.lora_scope!r}; expected one of {LORA_SCOPES}")
+        check_bool("save_merged_model", self.save_merged_model)
+
+
+def check_int(name, value, minimum=1, optional=False):
+    """Raise naming `name` unless `value` is an int >= `minimum` (or None when `optional`); bools are refused."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_number(name, value, positive=False):
+    """Raise naming `name` unless `value` is a finite real number (> 0 when `positive`); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+
+
+def check_bool(name, value):
+    """Raise naming `name` unless `value` is True or False (a string such as "false" would read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 class UniMETrainerBase(Trainer):
