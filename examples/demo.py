@@ -13,13 +13,10 @@ fresh process with `AutoModel.from_pretrained(..., trust_remote_code=True)`. Out
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.demo.pipeline import (  # noqa: E402
+from training.demo.pipeline import (
     DemoSettings,
     evaluate,
     headline,
@@ -29,13 +26,13 @@ from training.demo.pipeline import (  # noqa: E402
     run_stage1,
     run_stage2,
 )
-from training.demo.report import (  # noqa: E402
+from training.demo.report import (
     markdown_table,
     plot_run,
     reload_in_fresh_process,
     write_json,
 )
-from training.lora import save_merged_model  # noqa: E402
+from training.lora import save_merged_model
 
 QUICK = dict(num_train_scenes=400, num_eval_scenes=60, stage1_steps=10, stage2_steps=300, stage1_batch_size=16,
              stage2_batch_size=32, gradcache_chunk_size=16, stage2_learning_rate=3e-4)

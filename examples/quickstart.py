@@ -5,15 +5,11 @@ real checkpoint (e.g. DeepGlint-AI/UniME-LLaVA-OneVision-7B) instead.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PIL import Image
+from sklearn.datasets import load_sample_images
 
-from PIL import Image  # noqa: E402
-from sklearn.datasets import load_sample_images  # noqa: E402
-
-from modeling_unime import UniMEModel, UniMEProcessor  # noqa: E402
+from modeling_unime import UniMEModel, UniMEProcessor
 
 
 def main():

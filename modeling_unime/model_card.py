@@ -253,7 +253,9 @@ def _model_details(config):
     lines = [
         "## Model details",
         "",
-        f"- **Backbone:** {base_model_of(config) or 'not recorded'} ({family}, `model_type: {backbone_type}`)",
+        # A local or tiny base model is not a Hub id (so not in the metadata) but is still what was trained.
+        f"- **Backbone:** {base_model_of(config) or training_record(config).get('base_model') or 'not recorded'} "
+        f"({family}, `model_type: {backbone_type}`)",
         f"- **Embedding dimension:** {config.text_hidden_size}",
         "- **Pooling:** final hidden state of the last real token (the end of the prompt template)"
         + (", L2-normalised" if config.normalize else ", not normalised"),

@@ -11,7 +11,8 @@ def test_quick_demo_trains_evaluates_and_reloads(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--output-dir", str(out)],
                             capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
-                                                                             "OMP_NUM_THREADS": "1"})
+                                                                             "OMP_NUM_THREADS": "1",
+                                                                             "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr[-4000:]
     for artefact in ("report.md", "training_curves.png", "results.json", "final_model/config.json",
                      "final_model/model.safetensors", "final_model/modeling_unime.py", "final_model/README.md"):

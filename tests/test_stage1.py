@@ -313,7 +313,8 @@ def test_example_script_runs_end_to_end(tmp_path, train_rows, teacher_cache):
                "--config", str(REPO_ROOT / "examples" / "configs" / "stage1_tiny.yaml"),
                "--output_dir", str(output_dir), "--teacher_cache", str(cache), "--max_steps", "2",
                "--logging_steps", "1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO_ROOT))  # the scripts import the installed package: this checkout's
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert cache.stat().st_mtime == 1  # reused, not rewritten
