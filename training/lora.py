@@ -114,12 +114,16 @@ def publish_directory(staging, output_dir):
     return output_dir
 
 
-def merged_state_dict(peft_model):
+def merged_state_dict(peft_model, full_state_dict=None):
     """State dict of the UniME model with every active LoRA adapter folded in (W + scale * B A),
     under the plain UniME key names; the modules themselves are not touched, so training can go on
     with bit-identical weights.
+
+    `full_state_dict`: the PEFT model's whole state dict when its parameters are sharded (FSDP:
+    `accelerator.get_state_dict`, gathered on the main process); W, A and B are then read from it.
     """
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import transpose
 
     prefix = "base_model.model."
     deltas = {}
@@ -132,10 +136,16 @@ def merged_state_dict(peft_model):
                 f"{name}: cannot fold LoRA into {weight.dtype} (quantised) weights; reload the backbone in "
                 "16/32-bit, load the adapters on it and save the merged model from there"
             )
-        delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters if adapter in module.lora_A)
+        adapters = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
+        if full_state_dict is None:
+            delta = sum(module.get_delta_weight(adapter) for adapter in adapters)
+        else:  # get_delta_weight's formula, on the gathered A and B
+            delta = sum(transpose(full_state_dict[f"{name}.lora_B.{adapter}.weight"]
+                                  @ full_state_dict[f"{name}.lora_A.{adapter}.weight"], module.fan_in_fan_out)
+                        * module.scaling[adapter] for adapter in adapters)
         deltas[f"{name}.base_layer.weight"] = delta
     merged = {}
-    for key, tensor in peft_model.state_dict().items():
+    for key, tensor in (peft_model.state_dict() if full_state_dict is None else full_state_dict).items():
         if "lora_" in key:
             continue
         if key in deltas:
@@ -145,18 +155,18 @@ def merged_state_dict(peft_model):
     return merged
 
 
-def save_merged_model(model, processor, output_dir, safe_serialization=True):
+def save_merged_model(model, processor, output_dir, safe_serialization=True, full_state_dict=None):
     """Save `model` (UniME, optionally LoRA-wrapped) as a standalone UniME checkpoint with its processor.
 
     LoRA adapters are folded into the saved weights only (`merged_state_dict`); the live model is
     unchanged, so training can continue. The directory appears only once complete (see `save_atomically`) and loads with
-    `AutoModel.from_pretrained(output_dir, trust_remote_code=True)`.
+    `AutoModel.from_pretrained(output_dir, trust_remote_code=True)`. `full_state_dict`: see `merged_state_dict`.
     """
     unime = unwrap_unime(model)
     peft_model = model if isinstance(model, PeftModel) else None
 
     def write(directory):
-        state_dict = None if peft_model is None else merged_state_dict(peft_model)
+        state_dict = full_state_dict if peft_model is None else merged_state_dict(peft_model, full_state_dict)
         unime.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
         if processor is not None:
             processor.save_pretrained(directory)

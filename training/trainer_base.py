@@ -236,12 +236,15 @@ class UniMETrainerBase(Trainer):
         """Save the LoRA-merged model + processor as a standalone UniME checkpoint (atomic).
 
         The trainer's model keeps its adapters and its weights are untouched (see `merged_state_dict`), so
-        training can continue.
+        training can continue. Call it on every process: under FSDP it gathers the weights from all of them.
         """
         output_dir = output_dir or f"{self.args.output_dir}/merged"
+        # FSDP shards the weights: gather them whole onto the main process (a collective: every rank).
+        full_state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
         if not self.is_world_process_zero():
             return output_dir
-        save_merged_model(self.accelerator.unwrap_model(self.model), self.processor, output_dir)
+        save_merged_model(self.accelerator.unwrap_model(self.model), self.processor, output_dir,
+                          full_state_dict=full_state_dict)
         return output_dir
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):

@@ -1,0 +1,136 @@
+"""FSDP through `accelerate launch --config_file examples/accelerate_configs/fsdp.yaml` on 2 CPU ranks
+equals one process: both stages' trainers, LoRA, GradCache (stage 2), 2 AdamW steps, float64.
+
+tests/scripts/sharded_train.py runs the same tiny training once on one process (global batch 8) and
+once under the shipped FSDP config with 2 processes (4 each; `--num_processes 2 --mixed_precision no`
+on the command line, everything else from the file). The FSDP run also resumes stage 2 from a copy of
+its checkpoint-1. Two launches in all (about a minute each on 2 free cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_distributed import _free_local_port, _loopback_interface
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "tests" / "scripts" / "sharded_train.py"
+FSDP_CONFIG = REPO_ROOT / "examples" / "accelerate_configs" / "fsdp.yaml"
+# Measured: 1.7e-15 (stage 1) and 2.2e-16 (stage 2) after 2 AdamW steps of lr 1e-2 in float64.
+FLOAT64_TOLERANCE = 1e-12
+LORA_SCALING = 8 / 4  # lora_alpha (default 2 x rank) / rank
+
+
+def _run(command, cwd, env):
+    completed = subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=600)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, f"{command[:4]} failed:\n{output[-6000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Directories of the single-process run and of the FSDP run, and the FSDP console output."""
+    work = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    loopback = _loopback_interface()
+    if loopback and "GLOO_SOCKET_IFNAME" not in env:
+        env["GLOO_SOCKET_IFNAME"] = loopback  # keep gloo on 127.0.0.1
+    _run([sys.executable, str(SCRIPT), str(work / "single"), "--per_device", "8"], work, env)
+    console = _run([
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(_free_local_port()),
+        str(SCRIPT), str(work / "fsdp"), "--per_device", "4", "--resume_stage", "2",
+    ], work, env)  # fmt: skip
+    return work / "single", work / "fsdp", console
+
+
+def _max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_run_is_sharded_fsdp2(runs, stage):
+    _, fsdp, console = runs
+    run = json.loads((fsdp / f"stage{stage}" / "run" / "run.json").read_text())
+    assert run["distributed_type"] == "DistributedType.FSDP"
+    assert run["model_class"] == "FSDPPeftModel"  # fully_shard (FSDP2) of the PEFT-wrapped UniME model
+    assert run["world_size"] == 2
+    # Every weight (frozen base and LoRA) is a DTensor; rank 0 holds half of the parameters.
+    assert run["sharded_tensors"] > 0
+    assert run["full_parameters"] / 2 <= run["local_parameters"] < 0.51 * run["full_parameters"]
+    assert "Traceback" not in console
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_steps_equal_single_process_steps(runs, stage):
+    single, fsdp, _ = runs
+    reference = load_file(single / f"stage{stage}" / "run" / "final_trainable.safetensors")
+    initial = load_file(single / f"stage{stage}" / "run" / "initial_trainable.safetensors")
+    sharded = load_file(fsdp / f"stage{stage}" / "run" / "final_trainable.safetensors")
+    difference = _max_abs_diff(reference, sharded)
+    moved = min((reference[key] - initial[key]).abs().max().item() for key in reference)
+    print(f"stage {stage}: {len(reference)} LoRA tensors, max |FSDP - single| = {difference:.3g}, "
+          f"smallest max update = {moved:.3g}")
+    assert len(reference) == 28  # 2 layers x 7 projections x (A, B)
+    assert all(tensor.dtype == torch.float64 for tensor in sharded.values())
+    assert moved > 1e-3, "every LoRA tensor must have moved, or the comparison means little"
+    assert difference <= FLOAT64_TOLERANCE
+    single_losses = json.loads((single / f"stage{stage}" / "run" / "run.json").read_text())["losses"]
+    fsdp_losses = json.loads((fsdp / f"stage{stage}" / "run" / "run.json").read_text())["losses"]
+    assert len(single_losses) == 2 and fsdp_losses == pytest.approx(single_losses, abs=1e-12)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_merged_model_is_base_plus_lora_and_reloads(runs, stage):
+    from transformers import AutoModel
+
+    from training.demo.tiny_models import tiny_unime
+
+    single, fsdp, _ = runs
+    merged = load_file(fsdp / f"stage{stage}" / "run" / "merged" / "model.safetensors")
+    lora = load_file(fsdp / f"stage{stage}" / "run" / "final_trainable.safetensors")
+    base = tiny_unime("qwen2_vl")[0].double().state_dict()  # the scripts' seed-0 model
+    checked = 0
+    for key, a in lora.items():
+        if ".lora_A." not in key:
+            continue
+        b = lora[key.replace(".lora_A.", ".lora_B.")]
+        name = key.removeprefix("base_model.model.").replace(".lora_A.default.weight", ".weight")
+        expected = base[name] + LORA_SCALING * b @ a  # W + (alpha / r) B A
+        assert (merged[name] - expected).abs().max().item() < 1e-6, name  # the merge adds in float32
+        checked += 1
+    assert checked == 14
+    untouched = [key for key in merged if "visual" in key]
+    assert untouched and all(torch.equal(merged[key], base[key]) for key in untouched)
+    single_merged = load_file(single / f"stage{stage}" / "run" / "merged" / "model.safetensors")
+    assert _max_abs_diff(single_merged, merged) <= 1e-6
+
+    model = AutoModel.from_pretrained(fsdp / f"stage{stage}" / "run" / "merged", trust_remote_code=True)
+    reloaded = model.state_dict()
+    assert all(torch.equal(reloaded[key], merged[key]) for key in merged)
+
+
+def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs):
+    _, fsdp, _ = runs
+    checkpoint = fsdp / "stage2" / "run" / "checkpoint-1"
+    # accelerate's FSDP checkpoint: the gathered model and the optimizer state, one file each.
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
+    uninterrupted = load_file(fsdp / "stage2" / "run" / "final_trainable.safetensors")
+    resumed = load_file(fsdp / "stage2" / "resumed" / "final_trainable.safetensors")
+    difference = _max_abs_diff(uninterrupted, resumed)
+    print(f"resumed from checkpoint-1: max |resumed - uninterrupted| = {difference:.3g}")
+    assert difference <= FLOAT64_TOLERANCE
+    state = json.loads((fsdp / "stage2" / "resumed" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
