@@ -366,9 +366,6 @@ class UniMEProcessor(ProcessorMixin):
         if text is not None and not isinstance(text, (str, list, tuple)):
             raise TypeError(f"text must be a str or a list of str (None for image-only items), got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else (None if text is None else list(text))
-        for index, item_text in enumerate(texts or []):
-            if item_text is not None and not isinstance(item_text, str):
-                raise TypeError(f"text[{index}]: expected str or None, got {type(item_text).__name__}")
         image_list = None if images is None else ([images] if not isinstance(images, (list, tuple)) else list(images))
         if texts is None:
             texts = [None] * len(image_list)

@@ -237,7 +237,7 @@ def test_encode_text_and_processor_refuse_non_text(tiny):
         processor(text=5)
     with pytest.raises(TypeError, match=r"text must be a str or a list of str .*got dict"):
         processor(text={"text": "a"})
-    with pytest.raises(TypeError, match=r"text\[1\]: expected str or None, got int"):
+    with pytest.raises(TypeError, match=r"text\[1\]: expected text as str, got int"):
         processor(text=["a", 3])
 
 

@@ -97,16 +97,16 @@ def test_prompt_is_the_unime_instruction(saved, images):
     assert torch.equal(st_encode(st_model, queries, prompt_style="instruction"), expected)
 
 
-def test_image_path_strings_are_images_and_other_inputs_are_refused(saved, images, tmp_path):
+def test_a_str_is_text_even_when_a_file_of_that_name_exists(saved, images, tmp_path, monkeypatch):
+    """Issue 12 observation 5: a str naming an existing image file was an image here and text in `encode`."""
     model, processor, _, st_model = saved
-    path = tmp_path / "photo.png"
-    images[1].save(path)
-    assert torch.equal(st_encode(st_model, [str(path), "photo caption"]),
-                       model.encode([path, "photo caption"], processor=processor))
-    with pytest.raises(ValueError, match="item 0 is an image URL .* does not download images"):
-        st_model.encode(["https://example.com/cat.jpg"])
-    with pytest.raises(ValueError, match=r"does not exist"):
-        st_model.encode([str(tmp_path / "missing.jpg")])
+    monkeypatch.chdir(tmp_path)
+    images[1].save(tmp_path / "photo.png")
+    text_embedding = model.encode(["photo.png"], processor=processor)
+    assert torch.equal(model.encode(["photo.png", images[1]], processor=processor)[:1], text_embedding)
+    assert torch.equal(st_encode(st_model, ["photo.png"]), text_embedding)
+    assert torch.equal(st_encode(st_model, [Path("photo.png")]),
+                       model.encode([Path("photo.png")], processor=processor))
     with pytest.raises(ValueError, match=r"dict items need 'image' and/or 'text' keys, got \['content', 'role'\]"):
         st_model.encode(["a dog", {"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="chat-style message lists are not UniME inputs"):
@@ -156,3 +156,47 @@ def test_card_snippet_runs_in_a_fresh_process_without_the_project(saved, tmp_pat
     embeddings = run_fresh_python(RUN_SNIPPET, [snippet_file], env, tmp_path)
 
     assert torch.equal(embeddings, model.encode(snippet_inputs(), processor=processor))
+
+
+def test_max_seq_length_reads_sets_and_truncates_like_encode(saved):
+    """Issue 12 observation 3: `st.max_seq_length = 128` raised AttributeError."""
+    model, processor, checkpoint, _ = saved
+    st_model = SentenceTransformer(str(checkpoint), trust_remote_code=True)
+    assert st_model.max_seq_length == model.config.max_sequence_length
+    long_text = " ".join(["hello"] * 300)
+    st_model.max_seq_length = 48
+    assert st_model.max_seq_length == 48
+    assert torch.equal(st_encode(st_model, [long_text]), model.encode([long_text], processor=processor, max_length=48))
+    with pytest.raises(ValueError, match="max_seq_length must be a positive int or None, got 0"):
+        st_model.max_seq_length = 0
+
+
+def test_truncate_dim_precision_and_empty_input_match_encode(saved):
+    model, processor, _, st_model = saved
+    texts = ["a dog", "a cat", "two birds", "the sea"]
+    # sentence-transformers normalises (its Normalize module), slices, normalises again: equal up to rounding.
+    torch.testing.assert_close(st_encode(st_model, texts, truncate_dim=8, normalize_embeddings=True),
+                               model.encode(texts, processor=processor, truncate_dim=8), rtol=1e-6, atol=1e-6)
+    for precision in ("int8", "ubinary"):
+        assert (st_model.encode(texts, precision=precision)
+                == model.encode(texts, processor=processor, precision=precision)).all()
+    assert st_model.encode([]).shape[0] == 0 and model.encode([], processor=processor).shape == (0, 32)
+
+
+def test_query_and_document_prompts_come_from_the_checkpoint(saved):
+    model, processor, checkpoint, st_model = saved
+    settings = (checkpoint / "config_sentence_transformers.json").read_text()
+    assert '"query": "Retrieve the image or passage that matches this query:"' in settings
+    assert '"document": ""' in settings
+    texts = ["a dog", "a cat"]
+    assert torch.equal(torch.as_tensor(st_model.encode_query(texts)), model.encode_query(texts, processor=processor))
+    assert torch.equal(torch.as_tensor(st_model.encode_document(texts)),
+                       model.encode_document(texts, processor=processor))
+
+
+def test_multi_process_encoding_gives_the_single_process_result(saved):
+    model, processor, _, st_model = saved
+    texts = ["a dog", "a cat", "two birds", "the sea", "a red square"]
+    expected = model.encode(texts, processor=processor)
+    got = torch.as_tensor(st_model.encode(texts, device=["cpu", "cpu"], batch_size=2, chunk_size=3))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
