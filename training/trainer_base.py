@@ -20,10 +20,11 @@ from .lora import (
     LANGUAGE_MODEL_LINEAR_LAYERS,
     LORA_SCOPES,
     add_lora,
-    publish_directory,
     save_merged_model,
     unwrap_unime,
 )
+from modeling_unime.atomic import publish_directory, recover
+
 from .publishing import push_merged_model
 
 
@@ -91,6 +92,18 @@ def check_bool(name, value):
     """Raise naming `name` unless `value` is True or False (a string such as "false" would read as True)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def remove_leftover_staging(run_dir):
+    """Clear what jobs killed mid-checkpoint left in `run_dir`: `.checkpoint-N.partial` staging folders and
+    the `.checkpoint-N.tmp` / `.checkpoint-N.old` of an interrupted swap (a complete old checkpoint is put back)."""
+    if not os.path.isdir(run_dir):
+        return
+    for entry in sorted(os.listdir(run_dir)):
+        if entry.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and entry.endswith(".partial"):
+            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+        elif entry.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and entry.endswith((".tmp", ".old")):
+            recover(os.path.join(run_dir, entry[1:].rsplit(".", 1)[0]))
 
 
 class UniMETrainerBase(Trainer):
@@ -171,7 +184,7 @@ class UniMETrainerBase(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f".{name}.partial")
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a job killed mid-save
+            remove_leftover_staging(run_dir)
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging_dir = staging
         try:
