@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from .atomic import atomic_directory
 from .checkpoint_files import check_unime_checkpoint
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
@@ -16,6 +17,9 @@ from .prompts import family_for_model_type
 from .sentence_transformers_module import write_sentence_transformers_files
 
 logger = logging.get_logger(__name__)
+
+# Files a model save owns: old ones are dropped even when the new save does not write them (other shards).
+WEIGHT_FILES = ("model*.safetensors", "model*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
 
 
 @dataclass
@@ -76,12 +80,16 @@ class UniMEPreTrainedModel(PreTrainedModel):
         the files `SentenceTransformer(save_directory, trust_remote_code=True)` loads. `push_to_hub=True`
         then uploads the folder with `hub.push_checkpoint` (`repo_id` defaults to the folder's name)."""
         push_kwargs = pop_push_kwargs(save_directory, kwargs) if push_to_hub else None
-        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            write_model_card(self.config, save_directory)
-            write_sentence_transformers_files(save_directory, self.config)
-            if push_kwargs is not None:
-                push_checkpoint(save_directory, **push_kwargs)
+        if not is_main_process:
+            return super().save_pretrained(save_directory, is_main_process=False, **kwargs)
+        # Atomic (modeling_unime/atomic.py): a failed save leaves the folder as it was; files of the folder
+        # this save does not write (the processor's) are kept, old weight files are not.
+        with atomic_directory(save_directory, keep_existing=True, replaced=WEIGHT_FILES, seed=("README.md",)) as staging:
+            super().save_pretrained(staging, is_main_process=True, **kwargs)
+            write_model_card(self.config, staging)
+            write_sentence_transformers_files(staging, self.config)
+        if push_kwargs is not None:
+            push_checkpoint(save_directory, **push_kwargs)
 
     def push_to_hub(self, repo_id, **kwargs):
         """`PushToHubMixin.push_to_hub` (same arguments), uploading the UniME model card built for `repo_id`

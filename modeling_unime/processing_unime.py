@@ -1,11 +1,13 @@
 """UniMEProcessor: the backbone's processor plus UniME's prompt templates."""
 
 import json
+import os
 
 import transformers
 from transformers import AutoTokenizer, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
+from .atomic import atomic_directory
 from .checkpoint_files import check_processor_folder
 from .inputs import check_text, load_image
 from .prompts import (
@@ -98,6 +100,9 @@ def _backbone_config(path_or_id, **hub_kwargs):
     return transformers.AutoConfig.for_model(backbone.pop("model_type"), **backbone)
 
 
+# Files a processor save owns: old ones are dropped even when the new save does not write them.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer*", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*", "additional_chat_templates")
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
 INIT_SETTINGS = ("backbone_family", "prompt_templates", "backbone_processor_kwargs")
 
@@ -220,6 +225,15 @@ class UniMEProcessor(ProcessorMixin):
             chat_template=_read_chat_template(path, tokenizer, **hub_kwargs),
             **init,
         )
+
+    def save_pretrained(self, save_directory, push_to_hub=False, **kwargs):
+        """`ProcessorMixin.save_pretrained`, atomic (`atomic.atomic_directory`): a failed save leaves the folder
+        as it was. Other files of the folder (the model's) are kept; old processor files are not."""
+        if push_to_hub:
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+        with atomic_directory(save_directory, keep_existing=True, replaced=PROCESSOR_FILES) as staging:
+            written = super().save_pretrained(staging, **kwargs)
+        return [os.path.join(save_directory, os.path.relpath(path, staging)) for path in written]
 
     def backbone_processor(self):
         """A fresh backbone processor (without video support) sharing this processor's components."""

@@ -191,7 +191,7 @@ SLOW_MERGED_SAVE = textwrap.dedent(
 def test_killed_merged_save_leaves_the_old_checkpoint_whole(tmp_path, spawn):
     """`save_merged_model` over an existing checkpoint, SIGKILLed right after the new weights file is
     written: the target is still the old complete checkpoint (same bytes, loads with AutoModel), and
-    the half-written copy sits in a hidden `.merged.tmp-*` folder that nothing loads."""
+    the half-written copy sits in a hidden `.merged.tmp` staging folder that nothing loads."""
     target = tmp_path / "merged"
     script = tmp_path / "slow_save.py"
     script.write_text(SLOW_MERGED_SAVE)
@@ -199,7 +199,7 @@ def test_killed_merged_save_leaves_the_old_checkpoint_whole(tmp_path, spawn):
     wait_for_file(tmp_path / "stalled", process, tmp_path / "save.log")
     sigkill(process)
     staged = Path((tmp_path / "stalled").read_text())
-    assert staged.parent.name.startswith(".merged.tmp-") and staged.is_file()  # killed mid-save
+    assert staged.parent.name == "..merged.tmp.tmp" and staged.is_file()  # killed mid-save (model save inside the merged save)
     assert not (staged.parent / "processor_config.json").exists()
     old_digest = (tmp_path / "old.sha256").read_text()
     assert hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest() == old_digest

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from modeling_unime.atomic import atomic_write_text
+
 EncodeFn = Callable[[list, str], torch.Tensor]
 TIE_TOLERANCE = 1e-6
 MMEB_FIELDS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -507,11 +509,12 @@ def write_results(results, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    # Each file is replaced in one rename: a failed write leaves the previous results whole.
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
     lines = []
     for task, metrics in results.items():
         lines += [f"## {task}", "", "| metric | score (%) |", "| --- | ---: |"]
         lines += [f"| {name} | {100 * value:.2f} |" for name, value in metrics.items()]
         lines.append("")
-    markdown_path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(markdown_path, "\n".join(lines))
     return json_path, markdown_path

@@ -1,13 +1,12 @@
 """LoRA on a UniME model (peft) and saving the merged model as a standalone UniME checkpoint."""
 
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+
+from modeling_unime.atomic import atomic_directory
 
 # Linear layers of the Qwen2 / Llama / Mistral decoder blocks every supported backbone uses.
 LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,40 +77,11 @@ def unwrap_unime(model):
 
 
 def save_atomically(write, output_dir):
-    """Call `write(tmp_dir)` and move the result to `output_dir` only once it is complete.
-
-    `tmp_dir` is a hidden sibling (`.<name>.tmp-XXXX`), so a crash mid-write leaves the previous
-    `output_dir` (if any) untouched and no half-written directory under its name; the leftover
-    hidden folder is never what `from_pretrained(output_dir)` reads.
-    """
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    """Call `write(staging_dir)` and make the result `output_dir` only once it is complete, readable by
+    others (see `modeling_unime.atomic`): a failure or crash leaves the previous `output_dir` as it was."""
+    with atomic_directory(output_dir) as staging:
         write(staging)
-        publish_directory(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
-
-
-def publish_directory(staging, output_dir):
-    """Rename the complete directory `staging` to `output_dir` (same filesystem), replacing it if present.
-
-    A directory cannot be swapped in one atomic rename, so an existing `output_dir` is first renamed
-    aside: a crash between the two renames leaves `output_dir` absent (never partial) and the old
-    copy in `.<name>.old-<pid>`.
-    """
-    staging, output_dir = Path(staging), Path(output_dir)
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, backup)
-        os.replace(staging, output_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, output_dir)
-    return output_dir
+    return Path(output_dir)
 
 
 def merged_state_dict(peft_model, full_state_dict=None):

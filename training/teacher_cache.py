@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from modeling_unime.atomic import make_readable
+
 from .tables import column_texts, load_table, resolve_text_columns
 
 CACHE_FORMAT = "unime-teacher-cache/1"
@@ -105,10 +107,12 @@ def metadata_differences(stored: dict, expected: dict) -> list[str]:
 def save_cache_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
     # Write next to the target then rename: a crash or error never leaves a truncated cache that a
     # later run would trust.
+    # The temporary name is fixed, so one left by a killed build is overwritten (one builder per cache).
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
+    temporary = f"{path}.tmp"
     try:
         save_file(tensors, temporary, metadata=metadata)
+        make_readable(temporary)  # safetensors creates 0600 files
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -18,11 +18,12 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import logging as transformers_logging
 
+from modeling_unime.atomic import publish_directory, recover
+
 from .lora import (
     LANGUAGE_MODEL_LINEAR_LAYERS,
     LORA_SCOPES,
     add_lora,
-    publish_directory,
     save_merged_model,
     unwrap_unime,
 )
@@ -116,6 +117,18 @@ def check_bool(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def remove_leftover_staging(run_dir):
+    """Clear what jobs killed mid-checkpoint left in `run_dir`: `.checkpoint-N.partial` staging folders and
+    the `.checkpoint-N.tmp` / `.checkpoint-N.old` of an interrupted swap (a complete old checkpoint is put back)."""
+    if not os.path.isdir(run_dir):
+        return
+    for entry in sorted(os.listdir(run_dir)):
+        if entry.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and entry.endswith(".partial"):
+            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+        elif entry.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and entry.endswith((".tmp", ".old")):
+            recover(os.path.join(run_dir, entry[1:].rsplit(".", 1)[0]))
+
+
 class UniMETrainerBase(Trainer):
     """`Trainer` with LoRA setup, per-step loss statistics in the logs and a merged-model save.
 
@@ -200,7 +213,7 @@ class UniMETrainerBase(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f".{name}.partial")
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a job killed mid-save
+            remove_leftover_staging(run_dir)
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging_dir = staging
         try:
