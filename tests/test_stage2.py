@@ -228,3 +228,41 @@ def test_two_processes_match_one_process_with_and_without_gradcache(tmp_path):
     accumulation = result["gradcache_accumulation_2"]
     assert accumulation["grad_max_abs_diff_vs_half_reference"] < 1e-10 * result["gradcache"]["grad_max_abs"]
     assert accumulation["grad_max_abs_diff_vs_reference"] > 0.1 * result["gradcache"]["grad_max_abs"]
+
+
+def test_column_mapping_reads_a_users_table(tmp_path):
+    """Issue 13 item 7: `{MMEB field: column}`; unmapped absent fields and empty cells become ""."""
+    from training.mmeb_data import load_mmeb_train
+
+    table = tmp_path / "mine.csv"
+    table.write_text("caption,image_file,hint\nred circle,img/a.png,\nblue square,img/b.png,x\n")
+    rows = load_mmeb_train(table, columns={"qry": "caption", "pos_image_path": "image_file", "pos_text": "hint"})
+    assert [dict(row) for row in rows] == [
+        {"qry": "red circle", "qry_image_path": "", "pos_text": "", "pos_image_path": "img/a.png",
+         "subset_row": 0, "subset": str(table)},
+        {"qry": "blue square", "qry_image_path": "", "pos_text": "x", "pos_image_path": "img/b.png",
+         "subset_row": 1, "subset": str(table)},
+    ]
+    with pytest.raises(ValueError, match=r"^columns: unknown fields \['query'\]"):
+        load_mmeb_train(table, columns={"query": "caption"})
+    with pytest.raises(ValueError, match=r"^file '.*mine\.csv' has no columns \['text'\]; its columns are "
+                                         r"\['caption', 'image_file', 'hint'\]"):
+        load_mmeb_train(table, columns={"qry": "text"})
+
+
+def test_resume_from_checkpoint_values(tmp_path):
+    """Issue 13 item 2: `true`/`false` strings from the command line, the latest checkpoint, bad paths."""
+    from training.trainer_base import resolve_resume_from_checkpoint
+
+    assert resolve_resume_from_checkpoint("false", tmp_path) is None
+    assert resolve_resume_from_checkpoint(None, tmp_path) is None
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder"):
+        resolve_resume_from_checkpoint("true", tmp_path)
+    for step in (2, 10, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resolve_resume_from_checkpoint("true", tmp_path) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_from_checkpoint(True, tmp_path) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_from_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(FileNotFoundError, match=r"'.*checkpoint-3' is not a folder"):
+        resolve_resume_from_checkpoint(str(tmp_path / "checkpoint-3"), tmp_path)

@@ -150,12 +150,17 @@ class UniMETrainerBase(Trainer):
             raise ValueError("UniME trainers need the model's UniMEProcessor (processor=...)")
         # Trainer seeds in its __init__, after the LoRA adapters exist: seed first, so that their random
         # initialisation (and so the whole run) is the same for the same seed.
-        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        _record_base_model_absolutely(model)
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
+        if model is not None:
+            _record_base_model_absolutely(model)
         if args.lora_rank and args.lora_rank > 0:
             model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                              target_modules=tuple(args.lora_target_modules), scope=args.lora_scope)
-        _align_special_tokens_quietly(model, processor)
+        if model is not None:
+            _align_special_tokens_quietly(model, processor)
         super().__init__(model=model, args=args, processing_class=processor, **kwargs)
         self.processor = processor
         self._stats_sums = defaultdict(float)
