@@ -151,8 +151,9 @@ def test_collator_rewrites_placeholder_and_resizes(processor, image_root):
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     decoded = processor.tokenizer.batch_decode(query["input_ids"])
     assert all("<|image_1|>" not in text for text in decoded)
-    assert decoded[0].endswith("<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|> Represent the given "
-                               "image for classification.")
+    # VLM2Vec / UniME-V2 instruction mode: the bare image pad, expanded, without vision_start / vision_end
+    assert decoded[0].endswith("<|image_pad|>" * 4 + " Represent the given image for classification.")
+    assert "<|vision_start|>" not in decoded[0]
     # 56x56 images -> 4x4 patches of 14 px -> 4 image tokens after the 2x2 merge, whatever the file size.
     assert query["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
     assert (query["input_ids"] == image_pad).sum(dim=1).tolist() == [4, 0, 4]

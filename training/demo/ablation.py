@@ -111,14 +111,14 @@ def seed_results(out_dir, settings, rows=ABLATION_ROWS):
     return results
 
 
-def run_ablation(out_dir, settings, seeds, rows=ABLATION_ROWS):
-    """Run `rows` (default: all) for every seed; with 2+ seeds write `ablation.md` and `ablation.json`
-    under `out_dir`."""
+def run_ablation(out_dir, settings, seeds, rows=ABLATION_ROWS, overrides=ABLATION_OVERRIDES):
+    """Run `rows` (default: all) for every seed, with `overrides` of `settings` (default: 300 stage-2
+    steps); with 2+ seeds write `ablation.md` and `ablation.json` under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # GradCache gives the same gradients (tests/test_gradcache.py), so the ablation skips it for speed.
-    ablation_settings = dataclasses.replace(settings, gradcache_chunk_size=None, **ABLATION_OVERRIDES)
+    ablation_settings = dataclasses.replace(settings, gradcache_chunk_size=None, **overrides)
     per_seed = {seed: seed_results(out_dir / f"seed_{seed}", dataclasses.replace(ablation_settings, seed=seed), rows)
                 for seed in seeds}
     if len(seeds) < 2:
