@@ -134,3 +134,82 @@ def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs):
     assert difference <= FLOAT64_TOLERANCE
     state = json.loads((fsdp / "stage2" / "resumed" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+# ---- DeepSpeed: not run here (see docs/training.md, "Scaling out"); what can be checked without it ----
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_configs_parse_into_the_intended_plugin(name, stage, monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    config = REPO_ROOT / "examples" / "accelerate_configs" / f"{name}.yaml"
+    args, defaults, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "train.py"]))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    assert args.use_deepspeed and args.num_processes == 8 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    zero = DeepSpeedPlugin().deepspeed_config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero["offload_optimizer"]["device"] == "none" and zero["offload_param"]["device"] == "none"
+    # ZeRO-3 must gather 16-bit weights on save, or trainer.save_model writes no adapter weights.
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
+
+
+class FakeDeepSpeedEngine:
+    """Records what accelerate's `DeepSpeedEngineWrapper` asks of a DeepSpeed engine. `backward`
+    divides by the accumulation steps unless `scale_wrt_gas=False`, as `DeepSpeedEngine.backward` does."""
+
+    def __init__(self, gradient_accumulation_steps):
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.boundaries, self.backward_kwargs, self.steps = [], [], 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.boundaries.append(is_boundary)
+
+    def backward(self, loss, scale_wrt_gas=True, **kwargs):
+        self.backward_kwargs.append({"scale_wrt_gas": scale_wrt_gas, **kwargs})
+        (loss / self.gradient_accumulation_steps if scale_wrt_gas else loss).backward()
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_gradcache_under_deepspeed_reaches_the_boundary_once_and_scales_once(tmp_path, accumulation_steps):
+    from unittest.mock import PropertyMock, patch
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedEngineWrapper, DistributedType
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sharded_train
+
+    args = dict(sharded_train.COMMON, max_steps=1, per_device_train_batch_size=6, save_merged_model=False)
+    trainer = sharded_train.stage2(args, tmp_path)
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])  # 3 + 3 chunks of 2
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(trainer.model, batch)  # the plain single-process path
+    reference = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+
+    engine = FakeDeepSpeedEngine(accumulation_steps)
+    trainer.accelerator.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(engine)
+    trainer.current_gradient_accumulation_steps = accumulation_steps
+    with patch.object(Accelerator, "distributed_type", new_callable=PropertyMock,
+                      return_value=DistributedType.DEEPSPEED):
+        trainer.training_step(trainer.model, batch)
+    assert engine.boundaries == [False] * 5 + [True]  # only the last chunk ends the batch
+    assert engine.steps == 1
+    assert engine.backward_kwargs == [{"scale_wrt_gas": False}] * 6
+    assert trainer.accelerator.sync_gradients  # restored after the non-last chunks
+    gradients = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    difference = max((gradients[n] - reference[n] / accumulation_steps).abs().max().item() for n in reference)
+    assert difference <= FLOAT64_TOLERANCE
+    assert max(g.abs().max().item() for g in reference.values()) > 1e-3
