@@ -117,6 +117,14 @@ class UniMESentenceTransformer(torch.nn.Module):
         )
         return features
 
+    def __reduce__(self):
+        # sentence-transformers' multi-process pool pickles its modules for each worker, and transformers
+        # installs output-capturing forward hooks (local functions pickle refuses) on some backbones'
+        # modules at their first forward. Send what rebuilds the module instead: config, weights, processor.
+        dtype = next(self.model.parameters()).dtype
+        return (_rebuild, (type(self), type(self.model), self.model.config, self.model.state_dict(), dtype,
+                           self.processor))
+
     def save(self, output_path, *args, **kwargs):
         self.model.save_pretrained(output_path)
         self.processor.save_pretrained(output_path)
@@ -151,6 +159,13 @@ class UniMESentenceTransformer(torch.nn.Module):
                                           **(model_kwargs or {}))
         processor = AutoProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **(processor_kwargs or {}))
         return cls(model.eval(), processor)
+
+
+def _rebuild(module_class, model_class, config, state_dict, dtype, processor):
+    """Inverse of `UniMESentenceTransformer.__reduce__`."""
+    model = model_class(config).to(dtype)
+    model.load_state_dict(state_dict)
+    return module_class(model.eval(), processor)
 
 
 def write_sentence_transformers_files(directory, config):

@@ -63,3 +63,26 @@ def test_trust_remote_code_round_trip(tmp_path, images):
     assert bf16["dtype"] == "torch.bfloat16"
     assert bf16["embeddings"].dtype == torch.float32  # encode returns float32 whatever the compute dtype
     assert (bf16["embeddings"] - expected).abs().max().item() < 0.1
+
+
+def test_shipped_files_import_no_circle():
+    """Issue 13: modeling_unime.py <-> sentence_transformers_module.py was an import circle. Follow the relative
+    imports transformers itself sees (its regex also matches imports inside functions) from modeling_unime.py."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    package = Path(__file__).resolve().parents[1] / "modeling_unime"
+    graph = {path.stem: sorted(get_relative_imports(path)) for path in package.glob("*.py")}
+    assert graph["sentence_transformers_module"] == []
+
+    def cycle_from(name, trail):
+        if name in trail:
+            return trail[trail.index(name):] + [name]
+        for dependency in graph.get(name, []):
+            found = cycle_from(dependency, trail + [name])
+            if found:
+                return found
+        return None
+
+    assert cycle_from("modeling_unime", []) is None
