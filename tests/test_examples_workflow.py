@@ -161,7 +161,7 @@ def test_stage2_card_push_once_then_evaluate_push_and_reload(user, tmp_path):
         del env["HF_HUB_OFFLINE"]
         _, console = run(stage2(user, "pushed", "--max_steps", "2", "--push_to_hub", "true",
                                 "--hub_model_id", "me/unime-tiny"), user, env=env)
-        assert len(hub.commits("me/unime-tiny")) == 1, console
+        assert [commit.title for commit in hub.commits("me/unime-tiny")] == ["Model save", "initial commit"], console
         card = hub.files("me/unime-tiny")["README.md"].decode()
         assert "### 1. " in card and "(`distillation`)" in card and "### 2. " in card and "(`hard_negative`)" in card
         assert "- **Backbone:** tiny:qwen2_vl" in card and "caption" in card
@@ -171,7 +171,8 @@ def test_stage2_card_push_once_then_evaluate_push_and_reload(user, tmp_path):
         _, evaluated = run([EXAMPLES / "evaluate.py", "--model", user / "pushed" / "merged", "--retrieval", retrieval,
                             "--image-root", user / "photos", "--output-dir", "eval", "--push-to-hub", "me/unime-tiny"],
                            tmp_path, env=env)
-        assert len(hub.commits("me/unime-tiny")) == 2, evaluated
+        assert [commit.title for commit in hub.commits("me/unime-tiny")] == [
+            "Upload UniME model with evaluation results", "Model save", "initial commit"], evaluated
         results = json.loads((tmp_path / "eval" / "results.json").read_text())
         config = json.loads(hub.files("me/unime-tiny")["config.json"])
         assert config["unime_eval_results"] == results
