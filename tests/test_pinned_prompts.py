@@ -166,3 +166,17 @@ def test_mixed_batch_rows_match_single_items(family, image, tokenizer):
     rows = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
     assert rows == [expected_ids(tokenizer, family, SUMMARY[family][kind]) for kind in ("text", "image", "fused")]
     assert all(mask[-1] == 1 for mask in batch["attention_mask"])
+
+
+@pytest.mark.parametrize("family", list(SUMMARY))
+def test_saved_processor_records_and_reloads_the_literal_templates(family, tmp_path):
+    # The templates are data that travel with a checkpoint: the saved copy must be the literal recipe.
+    from modeling_unime import UniMEProcessor
+
+    tiny_processor(family).save_pretrained(tmp_path)
+    reloaded = UniMEProcessor.from_pretrained(tmp_path)
+    expected = {kind: SUMMARY[family][kind].replace("a dog", "<sent>") for kind in ITEMS}
+    # (image_token, the instruction-mode rewrite of <|image_1|>, is pinned by the instruction tests)
+    assert {kind: reloaded.prompt_templates[kind] for kind in ITEMS} == expected
+    for kind, (text, has_image) in ITEMS.items():
+        assert reloaded.format_prompt(text, has_image=has_image) == SUMMARY[family][kind]

@@ -264,3 +264,42 @@ def test_merge_lora_gives_w_plus_scaled_ba():
     for name, weight in expected.items():
         torch.testing.assert_close(weights[name].weight.detach(), weight)
     assert merge_lora(merged) is merged  # no adapters: returned as is
+
+
+# ----------------------------------------------------------------------------- model and encode settings
+
+
+def last_token_states(model, processor, prompts):
+    """Final hidden state of each prompt's last token, one prompt at a time (no padding involved)."""
+    states = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+            states.append(model(input_ids=ids, output_last_hidden_state=True).last_hidden_state[0, -1])
+    return torch.stack(states)
+
+
+def test_normalize_off_and_encode_options_against_hidden_states():
+    model, processor = tiny_unime("qwen2_vl")
+    model.config.normalize = False
+    texts = ["a dog", "three small birds on a wire", "rain"]
+    prompts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               f"{text}\nSummary above sentence in one word:<|im_end|>\n<|im_start|>assistant\n" for text in texts]
+    raw = last_token_states(model, processor, prompts)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)  # the setting matters
+    unnormalised = model.encode(texts, processor=processor, batch_size=2, normalize_embeddings=False)
+    torch.testing.assert_close(unnormalised, raw, rtol=1e-4, atol=1e-5)
+    normalised = model.encode(texts, processor=processor, batch_size=1)
+    torch.testing.assert_close(normalised, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-4, atol=1e-5)
+    as_numpy = model.encode(texts, processor=processor, batch_size=3, convert_to_tensor=False)
+    np.testing.assert_allclose(as_numpy, normalised.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_encode_instruction_and_prompt_style_reach_the_prompt():
+    model, processor = tiny_unime("llava_next")
+    raw = last_token_states(model, processor, ["Find a caption. a dog", "a dog"])
+    expected = raw / raw.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(model.encode(["a dog"], processor=processor, instruction="Find a caption.")[0],
+                               expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.encode("a dog", processor=processor, prompt_style="instruction"),
+                               expected[1], rtol=1e-4, atol=1e-5)
