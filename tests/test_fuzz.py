@@ -9,6 +9,10 @@ An independent oracle (`problem`) says which items are invalid: an empty / white
 surrogate, a backbone placeholder token inside a text, and in instruction style `<|image_1|>`
 without an image or more than once. Valid batches must embed (finite, unit-norm rows); invalid ones
 must raise the documented `ValueError` naming the item. Nothing else may escape.
+
+Constructors (issue 14): `UniMEConfig`, `UniMEProcessor` and the training configs get random field values
+and prompt-template tables; an oracle written from the contract says which are invalid, and the error
+must start with the name of an invalid field.
 """
 
 import math
