@@ -118,3 +118,19 @@ def check_processor_folder(path_or_id):
     folder = local_folder(path_or_id)
     if folder is not None:
         check_json_files(folder)
+
+
+def check_backbone_checkpoint(path_or_id):
+    """Refuse a local folder that is not a complete backbone checkpoint for `from_backbone`, naming the file
+    (a UniME checkpoint folder is pointed to `UniMEModel.from_pretrained`)."""
+    folder = local_folder(path_or_id)
+    if folder is None:
+        return
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json: expected a backbone checkpoint folder "
+                                "(a *ForConditionalGeneration save with config.json and *.safetensors)")
+    if read_json_object(folder / "config.json").get("model_type") == "unime":
+        raise ValueError(f"{str(folder)!r} is a UniME checkpoint, not a backbone; load it with "
+                         "UniMEModel.from_pretrained(path) (or AutoModel with trust_remote_code=True)")
+    check_json_files(folder)
+    check_safetensors_files(folder)

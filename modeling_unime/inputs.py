@@ -23,7 +23,7 @@ _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 def load_image(image, where):
     """Return an RGB `PIL.Image` from a PIL image or a file path; `ValueError` naming `where` otherwise.
 
-    Conversion (documented in DESIGN's encode contract):
+    Conversion:
     - larger than `MAX_IMAGE_PIXELS`: downscaled to fit it (aspect ratio kept, bicubic) before conversion;
       a file PIL refuses as a decompression bomb (over twice `PIL.Image.MAX_IMAGE_PIXELS`) is a `ValueError`;
     - 16/32-bit integer and float images: scaled to 8 bits (see `wide_to_8bit`), not clipped to white;

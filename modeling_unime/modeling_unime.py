@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Pre
 from transformers.utils import ModelOutput, logging
 
 from .atomic import atomic_directory
-from .checkpoint_files import check_unime_checkpoint
+from .checkpoint_files import check_backbone_checkpoint, check_unime_checkpoint
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
 from .hub import pop_push_kwargs, push_checkpoint, push_model_to_hub
@@ -232,6 +232,7 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         """
         # Pickled .bin weights can run code on load: like transformers' own safety default, refuse them
         # unless the caller opts in with use_safetensors=False.
+        check_backbone_checkpoint(path_or_id)
         from_pretrained_kwargs.setdefault("use_safetensors", True)
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in from_pretrained_kwargs}
         backbone_config = AutoConfig.from_pretrained(path_or_id, **hub_kwargs)

@@ -232,3 +232,34 @@ def test_teacher_cache_metadata_fields_are_checked_by_name(good_cache, tmp_path,
 
 def test_the_unedited_cache_metadata_loads(good_cache, tmp_path):
     assert torch.equal(edited()(good_cache, tmp_path)["text"], good_cache[2]["text"])
+
+
+def backbone_copy(name, damage):
+    def make(root, backbone):
+        folder = root / name
+        if not folder.exists():
+            shutil.copytree(backbone, folder)
+            damage(folder)
+        return folder
+    return make
+
+
+BACKBONE_CASES = [
+    case("UniME checkpoint given to from_backbone", lambda root, backbone: root / "full", ValueError,
+         r"^'.*full' is a UniME checkpoint, not a backbone; load it with UniMEModel\.from_pretrained\(path\)"),
+    case("backbone folder without config.json", backbone_copy("bb_no_config", lambda f: (f / "config.json").unlink()),
+         FileNotFoundError, r"^'.*bb_no_config' has no config\.json: expected a backbone checkpoint folder"),
+    case("backbone with zero-byte weights",
+         backbone_copy("bb_zero", lambda f: (f / "model.safetensors").write_bytes(b"")), ValueError,
+         r"^weights file '.*bb_zero/model\.safetensors' is empty or truncated \(0 bytes\)"),
+    case("backbone with a truncated tokenizer.json",
+         backbone_copy("bb_tok", lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "trunc')), ValueError,
+         r"^'.*bb_tok/tokenizer\.json' is not valid JSON \(truncated\?\)"),
+]
+
+
+@pytest.mark.parametrize("make, error, match", BACKBONE_CASES)
+def test_from_backbone_names_the_broken_file(folders, backbone_checkpoints, make, error, match):
+    folder = make(folders, backbone_checkpoints("qwen2_vl"))
+    with pytest.raises(error, match=match):
+        UniMEModel.from_backbone(str(folder))
