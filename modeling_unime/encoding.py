@@ -1,39 +1,17 @@
 """`encode`: lists of texts, images and image+text items in, one embedding tensor out."""
 
+import time
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .batching import estimate_tokens, plan_batches, prefetch
 from .inputs import normalize_item
 
-# Sorting by modality first keeps every batch homogeneous, so an item's embedding never depends on
-# a neighbour's modality; sorting by size inside a modality cuts padding.
-_MODALITY_ORDER = {"text": 0, "image": 1, "fused": 2}
-
-
-def _modality(text, image):
-    if image is None:
-        return "text"
-    return "image" if text is None else "fused"
-
-
-def _sort_key(entry):
-    index, text, image = entry
-    image_area = 0 if image is None else image.width * image.height
-    return (_MODALITY_ORDER[_modality(text, image)], image_area, len(text or ""), index)
-
-
-def _batches(entries, batch_size):
-    """Consecutive slices of the sorted entries that never mix modalities."""
-    batch = []
-    for entry in entries:
-        if batch and (len(batch) == batch_size or _modality(*batch[-1][1:]) != _modality(*entry[1:])):
-            yield batch
-            batch = []
-        batch.append(entry)
-    if batch:
-        yield batch
+logger = logging.get_logger(__name__)
 
 
 class EncodeMixin:
@@ -50,6 +28,7 @@ class EncodeMixin:
         normalize_embeddings=True,
         convert_to_tensor=True,
         device="cpu",
+        max_tokens_per_batch=None,
     ):
         """Embed texts, images and image+text items, in any mix.
 
@@ -66,6 +45,9 @@ class EncodeMixin:
             convert_to_tensor (`bool`): `False` returns a numpy array.
             device (`str` or `torch.device`, *optional*): where the returned tensor lives; `None` keeps
                 the model's device.
+            max_tokens_per_batch (`int`, *optional*): most padded language-model tokens (image tokens
+                included) per forward pass. Batches hold items of one modality and similar length, so
+                padded tokens stay within 5% of the real ones (`modeling_unime.batching`).
 
         Returns:
             `torch.FloatTensor` `[num_items, hidden_size]` in the input order (`[hidden_size]` for a single item).
@@ -78,23 +60,32 @@ class EncodeMixin:
             raise ValueError("encode got an empty list of items")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1):
+            raise ValueError(f"max_tokens_per_batch must be a positive int or None, got {max_tokens_per_batch!r}")
         placeholders = processor.placeholder_tokens()
         if instruction is not None:
             processor.validate_text(instruction, "instruction", placeholders)
-        entries = sorted((self._checked_item(item, i, processor, placeholders) for i, item in enumerate(items)),
-                         key=_sort_key)
-        batches = list(_batches(entries, batch_size))
+        entries = [self._checked_item(item, i, processor, placeholders) for i, item in enumerate(items)]
+        lengths = estimate_tokens(processor, entries, prompt_style, instruction)
+        batches = plan_batches(entries, lengths, batch_size, max_tokens_per_batch)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 4
         embeddings = [None] * len(items)
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
-                for batch in tqdm(batches, desc="encode", disable=not show_progress_bar):
-                    batch_embeddings = self._encode_batch(batch, processor, prompt_style, instruction)
-                    for (index, _, _), embedding in zip(batch, batch_embeddings):
+            start, done = time.perf_counter(), 0
+            with torch.inference_mode(), tqdm(total=len(batches), desc="encode", disable=not show_progress_bar) as bar:
+                # Preprocessing of the next batches runs in a worker thread during this batch's forward.
+                prepare = lambda batch: self._batch_inputs(batch, processor, prompt_style, instruction)  # noqa: E731
+                for batch, inputs in prefetch(prepare, batches):
+                    for (index, _, _), embedding in zip(batch, self._encode_batch(inputs)):
                         embeddings[index] = embedding
+                    done += len(batch)
+                    bar.set_postfix(items_per_s=f"{done / (time.perf_counter() - start):.1f}", refresh=False)
+                    bar.update()
+            logger.debug(f"encode: {done} items in {len(batches)} batches, "
+                         f"{done / (time.perf_counter() - start):.1f} items/s")
         finally:
             self.train(was_training)
         result = torch.stack(embeddings).float()
@@ -114,7 +105,8 @@ class EncodeMixin:
             processor.validate_image(image, f"item {index}")
         return index, text, image
 
-    def _encode_batch(self, batch, processor, prompt_style, instruction):
+    def _batch_inputs(self, batch, processor, prompt_style, instruction):
+        """Processor output for one batch of `(index, text, image)` entries (CPU tensors)."""
         texts = [text for _, text, _ in batch]
         images = [image for _, _, image in batch]
         inputs = processor(
@@ -124,6 +116,10 @@ class EncodeMixin:
             instruction=instruction,
         )
         self._check_lengths(inputs["attention_mask"], [index for index, _, _ in batch])
+        return inputs
+
+    def _encode_batch(self, inputs):
+        """Embeddings `[batch_size, hidden_size]` of one processor batch, on the model's device."""
         inputs = {
             key: value.to(self.device, dtype=self.dtype if value.is_floating_point() else None)
             if torch.is_tensor(value) else value

@@ -29,7 +29,7 @@ from training.demo.tiny_models import tiny_unime
 
 REPO = "user/unime-tiny"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = {"modeling_unime.py", "configuration_unime.py", "processing_unime.py", "encoding.py", "inputs.py",
+CODE_FILES = {"modeling_unime.py", "configuration_unime.py", "processing_unime.py", "encoding.py", "batching.py", "inputs.py",
               "prompts.py", "model_card.py", "hub.py", "sentence_transformers_module.py"}
 MODEL_FILES = {"README.md", "config.json", "model.safetensors", "modules.json", "config_sentence_transformers.json",
                *CODE_FILES}
