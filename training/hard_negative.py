@@ -48,6 +48,11 @@ class HardNegativeConfig(UniMETrainingConfig):
         default=None,
         metadata={"help": "GradCache chunk size (items per forward); None = plain backprop over the batch."},
     )
+    gradcache_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "GradCache: also close a chunk before its padded LM tokens (image tokens included) "
+                          "exceed this, so one long item cannot blow a chunk's memory; None = items only."},
+    )
     image_size: int | None = field(
         default=336, metadata={"help": "Images are resized to image_size x image_size (paper: 336); None = as is."}
     )
@@ -65,10 +70,12 @@ class HardNegativeConfig(UniMETrainingConfig):
         super().__post_init__()
         if not isinstance(self.contrastive_temperature, (int, float)) or not self.contrastive_temperature > 0:
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature!r}")
-        for name in ("num_hard_negatives", "gradcache_chunk_size", "image_size", "max_length"):
+        for name in ("num_hard_negatives", "gradcache_chunk_size", "gradcache_max_tokens", "image_size", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.gradcache_max_tokens is not None and self.gradcache_chunk_size is None:
+            raise ValueError("gradcache_max_tokens bounds GradCache chunks: set gradcache_chunk_size too")
         if self.false_negative_margin is not None and not isinstance(self.false_negative_margin, (int, float)):
             raise ValueError(f"false_negative_margin must be a number or None, got {self.false_negative_margin!r}")
 
@@ -103,7 +110,7 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
             raise TypeError(f"args must be a HardNegativeConfig, got {type(args).__name__}")
         if data_collator is None and processor is not None:
             data_collator = MMEBCollator(processor, image_size=args.image_size, chunk_size=args.gradcache_chunk_size,
-                                         max_length=args.max_length)
+                                         max_length=args.max_length, max_tokens_per_chunk=args.gradcache_max_tokens)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
         self.num_skipped_pairs = 0
 
