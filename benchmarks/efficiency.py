@@ -317,12 +317,12 @@ def encode_table(args, processor):
 def print_training(rows, args):
     scope = ("Qwen2-VL-2B layer shapes, counted at depth 1 and 2 and extrapolated to 28 LM / 32 vision layers"
              if args.size == "2b" else "tiny Qwen2-VL as is")
-    print(f"training: TFLOP per pair ({scope}; {args.pairs} pairs, GradCache chunk {args.chunk}, LoRA r16, "
+    unit, factor = ("TFLOP", 1) if args.size == "2b" else ("MFLOP", 1e6)
+    print(f"training: {unit} per pair ({scope}; {args.pairs} pairs, GradCache chunk {args.chunk}, LoRA r16, "
           "eager attention; bwd includes checkpoint recomputation)")
     headers = ["mode", "code", "vision fwd", "vision bwd", "LM fwd", "LM bwd", "GradCache pass 1", "executed",
                "model", "minimum", "executed/model", "executed/minimum"]
-    digits = 2 if args.size == "2b" else 6
-    body = [[r["mode"], r["when"], *(f"{r[k]:.{digits}f}" for k in ("vision_fwd", "vision_bwd", "lm_fwd", "lm_bwd",
+    body = [[r["mode"], r["when"], *(f"{r[k] * factor:.2f}" for k in ("vision_fwd", "vision_bwd", "lm_fwd", "lm_bwd",
                                                                         "gradcache_pass1", "executed", "model",
                                                                         "minimum")),
              f"{r['executed_over_model']:.2f}", f"{r['executed_over_minimum']:.2f}"] for r in rows]
