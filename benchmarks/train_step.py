@@ -4,7 +4,7 @@ One optimizer step of UniME stage 2 (DESIGN §4.2) on a random Qwen2-VL model: L
 language model (`training.lora.add_lora`), gradient checkpointing, query = a 336x336 image + a
 20-token instruction, target = a 20-token text, hard-negative InfoNCE
 (`training.losses.hard_negative_infonce_loss`, k 8, tau 0.02, beta 0.1), AdamW on the LoRA weights.
-Without `--gradcache-chunk-size` the whole batch is one graph (`model(**batch)` for queries and for
+Without `--gradcache-chunk-size` the whole batch is one graph (`training.gradcache.embed` for queries and for
 targets); with it, `training.gradcache.gradcache_step` runs over chunks of that many pairs.
 Inputs are preprocessed once and kept on the device, so only the step itself is timed.
 
@@ -41,7 +41,7 @@ from benchmarks.common import (  # noqa: E402
     unime_from_generation_model,
     write_json,
 )
-from training.gradcache import gradcache_step  # noqa: E402
+from training.gradcache import embed, gradcache_step  # noqa: E402
 from training.lora import add_lora  # noqa: E402
 from training.losses import hard_negative_infonce_loss  # noqa: E402
 
@@ -99,7 +99,7 @@ def step_flops(backbone, query_chunks, target_chunks, lora_weights, args, vision
     weights get input gradients only (1x forward for linear layers, 2x for attention), LoRA weights
     the full 6·N·T; checkpointing adds one more forward of every checkpointed layer that backward
     reaches, GradCache one more forward of everything. `vision_backward`: whether backward ran
-    through the vision tower (transformers' checkpointing makes the patch embedding require grad).
+    through the vision tower (it does not when no vision weight trains: `training.vision_features`).
     """
     parts = [forward_flops(backbone, chunk) for chunk in (*query_chunks, *target_chunks)]
     total = {key: sum(part[key] for part in parts) for key in parts[0]}
@@ -113,8 +113,8 @@ def step_flops(backbone, query_chunks, target_chunks, lora_weights, args, vision
         executed += total["vision_linear"] + 2.0 * total["vision_attention"]
     if not args.no_gradient_checkpointing:
         executed += language + lora + (vision if vision_backward else 0.0)
-    if args.gradcache_chunk_size is not None:
-        executed += vision + language + lora
+    if args.gradcache_chunk_size is not None:  # pass 1 re-runs the LM; the vision features are reused
+        executed += language + lora
     return {"model": model, "executed": executed, "language_tokens": tokens}
 
 
@@ -149,9 +149,9 @@ def make_step(model, optimizer, query_chunks, target_chunks, args):
 
     def plain_step():
         with record_function("query_forward"):
-            query = model(**query_chunks[0]).embeddings
+            query = embed(model, query_chunks[0])  # what the stage-2 trainer runs
         with record_function("target_forward"):
-            target = model(**target_chunks[0]).embeddings
+            target = embed(model, target_chunks[0])
         with record_function("loss"):
             loss, _ = loss_fn(query, target)
         with record_function("backward"):

@@ -122,7 +122,7 @@ def main(script_args, training_args):
         check_images(train, script_args)
     collator = MMEBCollator(processor, image_root=script_args.image_root, image_size=training_args.image_size,
                             chunk_size=training_args.gradcache_chunk_size, skip_bad_images=script_args.skip_bad_images,
-                            max_length=training_args.max_length)
+                            max_length=training_args.max_length, max_tokens_per_chunk=training_args.gradcache_max_tokens)
     trainer = UniMEHardNegativeTrainer(model=model, args=training_args, processor=processor, train_dataset=train,
                                        data_collator=collator)
     trainer.record_stage("hard_negative", datasets=[absolute_if_local(script_args.dataset)],

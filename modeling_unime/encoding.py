@@ -1,6 +1,7 @@
 """`encode`: lists of texts, images and image+text items in, one embedding tensor out."""
 
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -8,37 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .batching import estimate_tokens, plan_batches, prefetch
 from .inputs import normalize_item
 
-
-# Sorting by modality first keeps every batch homogeneous, so an item's embedding never depends on
-# a neighbour's modality; sorting by size inside a modality cuts padding.
-_MODALITY_ORDER = {"text": 0, "image": 1, "fused": 2}
-
-
-def _modality(text, image):
-    if image is None:
-        return "text"
-    return "image" if text is None else "fused"
-
-
-def _sort_key(entry):
-    index, text, image = entry
-    image_area = 0 if image is None else image.width * image.height
-    return (_MODALITY_ORDER[_modality(text, image)], image_area, len(text or ""), index)
-
-
-def _batches(entries, batch_size):
-    """Consecutive slices of the sorted entries that never mix modalities."""
-    batch = []
-    for entry in entries:
-        if batch and (len(batch) == batch_size or _modality(*batch[-1][1:]) != _modality(*entry[1:])):
-            yield batch
-            batch = []
-        batch.append(entry)
-    if batch:
-        yield batch
+logger = logging.get_logger(__name__)
 
 
 # `encode` may run from several threads on one model (e.g. an evaluation thread while training): the
@@ -113,6 +89,7 @@ class EncodeMixin:
         max_length=None,
         truncate_dim=None,
         precision="float32",
+        max_tokens_per_batch=None,
     ):
         """Embed texts, images and image+text items, in any mix.
 
@@ -142,6 +119,9 @@ class EncodeMixin:
                 normalising), e.g. one of `config.matryoshka_dims`.
             precision (`str`): `"float32"`, `"int8"`, `"uint8"`, `"binary"` or `"ubinary"` (quantised with
                 sentence-transformers' rules; not float32 implies a numpy array).
+            max_tokens_per_batch (`int`, *optional*): most padded language-model tokens (image tokens
+                included) per forward pass. Batches hold items of one modality and similar length, so
+                padded tokens stay within 5% of the real ones (`modeling_unime.batching`).
 
         Returns:
             `[num_items, dim]` in the input order (`[dim]` for a single item), `dim` = `truncate_dim` or
@@ -151,6 +131,7 @@ class EncodeMixin:
         items = [items] if single else list(items)
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(max_length, "max_length", allow_none=True)
+        _check_positive_int(max_tokens_per_batch, "max_tokens_per_batch", allow_none=True)
         truncate_dim = self._checked_truncate_dim(truncate_dim)
         if precision not in OUTPUT_PRECISIONS:
             raise ValueError(f"precision={precision!r}; expected one of {OUTPUT_PRECISIONS}")
@@ -161,7 +142,7 @@ class EncodeMixin:
         dim = truncate_dim or self.config.text_hidden_size
         if items:
             result = self._embed(items, processor, batch_size, show_progress_bar, prompt_style, instruction,
-                                 max_length or self.config.max_sequence_length)
+                                 max_length or self.config.max_sequence_length, max_tokens_per_batch)
         else:
             result = torch.zeros(0, dim)
         result = result[:, :dim]
@@ -201,23 +182,34 @@ class EncodeMixin:
             raise ValueError(f"prompt_name={prompt_name!r} is not in config.prompts (names: {sorted(prompts)})")
         return prompts[prompt_name] or None
 
-    def _embed(self, items, processor, batch_size, show_progress_bar, prompt_style, instruction, max_length):
+    def _embed(self, items, processor, batch_size, show_progress_bar, prompt_style, instruction, max_length,
+               max_tokens_per_batch=None):
         """The raw pooled states `[len(items), hidden_size]` (float32, model device), in input order."""
         processor = processor if processor is not None else self.processor
         placeholders = processor.placeholder_tokens()
         if instruction is not None:
             processor.validate_text(instruction, "instruction", placeholders)
-        entries = sorted((self._checked_item(item, i, processor, placeholders) for i, item in enumerate(items)),
-                         key=_sort_key)
-        batches = list(_batches(entries, batch_size))
+        entries = [self._checked_item(item, i, processor, placeholders) for i, item in enumerate(items)]
+        lengths = estimate_tokens(processor, entries, prompt_style, instruction)
+        batches = plan_batches(entries, lengths, batch_size, max_tokens_per_batch)
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 4
         embeddings = [None] * len(items)
-        with self._eval_mode(), torch.inference_mode():
-            for batch in tqdm(batches, desc="encode", disable=not show_progress_bar):
-                batch_embeddings = self._encode_batch(batch, processor, prompt_style, instruction, max_length)
-                for (index, _, _), embedding in zip(batch, batch_embeddings):
+
+        def prepare(batch):
+            return self._batch_inputs(batch, processor, prompt_style, instruction, max_length)
+
+        start, done = time.perf_counter(), 0
+        with self._eval_mode(), torch.inference_mode(), \
+                tqdm(total=len(batches), desc="encode", disable=not show_progress_bar) as bar:
+            # Preprocessing of the next batches runs in a worker thread during this batch's forward.
+            for batch, inputs in prefetch(prepare, batches):
+                for (index, _, _), embedding in zip(batch, self._encode_batch(inputs)):
                     embeddings[index] = embedding
+                done += len(batch)
+                bar.set_postfix(items_per_s=f"{done / (time.perf_counter() - start):.1f}", refresh=False)
+                bar.update()
+        logger.debug(f"encode: {done} items in {len(batches)} batches, {done / (time.perf_counter() - start):.1f} items/s")
         result = torch.stack(embeddings).float()
         not_finite = (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
         if not_finite:
@@ -251,10 +243,11 @@ class EncodeMixin:
             processor.validate_image(image, f"item {index}")
         return index, text, image
 
-    def _encode_batch(self, batch, processor, prompt_style, instruction, max_length):
+    def _batch_inputs(self, batch, processor, prompt_style, instruction, max_length):
+        """Processor output (CPU tensors) for one batch of `(index, text, image)` entries; texts cut to `max_length`."""
         texts = [text for _, text, _ in batch]
         images = [image for _, _, image in batch]
-        inputs = processor(
+        return processor(
             text=None if all(t is None for t in texts) else texts,
             images=None if all(i is None for i in images) else images,
             prompt_style=prompt_style,
@@ -263,6 +256,9 @@ class EncodeMixin:
             max_length=max_length,
             item_names=[f"item {index}" for index, _, _ in batch],
         )
+
+    def _encode_batch(self, inputs):
+        """Raw pooled states `[batch_size, hidden_size]` of one processor batch, on the model's device."""
         inputs = {
             key: value.to(self.device, dtype=self.dtype if value.is_floating_point() else None)
             if torch.is_tensor(value) else value

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import encode, train_step
+from benchmarks import efficiency, encode, train_step
 from benchmarks.common import (
     build_generation_model,
     build_processor,
@@ -131,3 +131,34 @@ def test_forward_flop_formula_matches_torch_flop_counter(inputs, eager_tiny_mode
                 + flops["vision_linear"] + flops["vision_attention"])
     assert (flops["vision_linear"] > 0) == (inputs != "text")
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
+
+
+def test_efficiency_benchmark_counts_every_lever(tmp_path, capsys):
+    """Tiny model, counted FLOPs: after the levers every mode executes within 5% of its minimum, the
+    frozen vision tower gets no backward, GradCache's pass 1 no longer re-runs the vision tower, and
+    encode pads <= 5% at every batch size; before, the same counts show the waste."""
+    path = tmp_path / "efficiency.json"
+    assert efficiency.main(["--encode-items", "36", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    rows = {(r["mode"], r["when"]): r for r in record["training_tflop_per_pair"]}
+    assert set(rows) == {(mode, when) for mode in ("plain", "plain + memory saving", "GradCache")
+                         for when in ("before", "after")}
+    for (mode, when), row in rows.items():
+        phases = ("vision_fwd", "vision_bwd", "lm_fwd", "lm_bwd", "gradcache_pass1")
+        assert row["executed"] == pytest.approx(sum(row[p] for p in phases), rel=1e-12)
+        assert row["model"] == pytest.approx(rows[("plain", "after")]["vision_fwd"]
+                                             + 3 * rows[("plain", "after")]["lm_fwd"], rel=1e-12)
+        if when == "after":
+            assert row["vision_bwd"] == 0
+            assert row["executed_over_minimum"] <= 1.05, mode
+    plain = rows[("plain", "after")]
+    assert rows[("plain + memory saving", "before")]["vision_bwd"] > 0  # checkpointing hooked the tower
+    assert rows[("GradCache", "after")]["vision_fwd"] == pytest.approx(plain["vision_fwd"], rel=1e-12)
+    before_pass1 = rows[("GradCache", "before")]["gradcache_pass1"]
+    after_pass1 = rows[("GradCache", "after")]["gradcache_pass1"]
+    assert before_pass1 - after_pass1 == pytest.approx(plain["vision_fwd"], rel=1e-9)  # vision ran again
+    assert rows[("GradCache", "before")]["executed_over_minimum"] > 1.5
+    for row in record["encode"]:
+        assert row["after_ratio"] <= 1.05 and row["before_ratio"] >= row["after_ratio"]
+    out = capsys.readouterr().out
+    assert "executed/minimum" in out and "processed/real" in out and "tiny Qwen2-VL as is" in out

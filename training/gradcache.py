@@ -17,9 +17,12 @@ gradients equal those of one backward over the whole batch (tests/test_gradcache
 
 Trade-off (as sentence-transformers documents for `CachedMultipleNegativesRankingLoss`): peak
 memory is that of one chunk, so the contrastive batch is bounded only by the `[B, D]` embeddings,
-but every item is encoded twice (a forward without graph, then a forward with it), so a step is
-slower than plain backprop; sentence-transformers reports from about 20% (large chunks) to 2.4x
-(very small chunks). With gradient checkpointing on top, each item is encoded three times.
+but the language model encodes every item twice (a forward without graph, then a forward with it),
+so a step is slower than plain backprop; sentence-transformers reports from about 20% (large
+chunks) to 2.4x (very small chunks). The frozen vision tower runs once per item: its features are
+computed before pass 1 and fed to both passes (`training.vision_features`). Gradient checkpointing
+on top would add a third language-model forward for no memory gain the chunk does not already
+give, so leave it off under GradCache (lower the chunk size instead).
 
 Distributed: every rank computes the same loss on the gathered embeddings; the gradient for this
 rank's slice is multiplied by the world size because DDP *averages* parameter gradients over ranks
@@ -38,6 +41,7 @@ import torch
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .distributed import gather_with_grad, world_info
+from .vision_features import with_image_features
 
 
 class RandContext:
@@ -64,8 +68,12 @@ class RandContext:
 
 
 def embed(model: torch.nn.Module, chunk: Mapping) -> torch.Tensor:
-    """Embeddings `[chunk_size, D]` of one processor batch (a UniME model, possibly wrapped)."""
-    return model(**chunk).embeddings
+    """Embeddings `[chunk_size, D]` of one processor batch (a UniME model, possibly wrapped).
+
+    A frozen vision tower runs under `torch.no_grad()` (see `training.vision_features`), so
+    backward never reaches (nor recomputes) it; the embeddings are unchanged.
+    """
+    return model(**with_image_features(model, chunk)).embeddings
 
 
 def chunk_rows(chunk: Mapping) -> int:
@@ -157,13 +165,17 @@ def gradcache_step(
 
     Accumulates into the parameters' `.grad` the gradient of `loss_scale * loss_fn(Q, T)`, where
     Q and T are the embeddings of all query and target chunks of all ranks. Query and target
-    chunks may have different sizes.
+    chunks may have different sizes. `loss_fn` is any `(Q [B, D], T [B, D]) -> (loss, aux)`
+    (e.g. a Matryoshka sum over prefix dimensions); nothing here depends on its form.
 
     Returns:
         `(loss, aux)`: the detached, unscaled loss and `loss_fn`'s aux output (e.g. stats).
     """
     if not query_chunks or not target_chunks:
         raise ValueError("gradcache_step needs at least one query chunk and one target chunk")
+    # The frozen vision tower's output is the same in both passes: compute it once per chunk.
+    query_chunks = [with_image_features(model, chunk) for chunk in query_chunks]
+    target_chunks = [with_image_features(model, chunk) for chunk in target_chunks]
     query, query_states = embed_no_grad(model, query_chunks)
     target, target_states = embed_no_grad(model, target_chunks)
     if query.shape[0] != target.shape[0]:

@@ -56,6 +56,11 @@ class HardNegativeConfig(UniMETrainingConfig):
         default=None,
         metadata={"help": "GradCache chunk size (items per forward); None = plain backprop over the batch."},
     )
+    gradcache_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "GradCache: also close a chunk before its padded LM tokens (image tokens included) "
+                          "exceed this, so one long item cannot blow a chunk's memory; None = items only."},
+    )
     image_size: int | None = field(
         default=336, metadata={"help": "Images are resized to image_size x image_size (paper: 336); None = as is."}
     )
@@ -83,8 +88,10 @@ class HardNegativeConfig(UniMETrainingConfig):
         _check_temperature(self.contrastive_temperature, "contrastive_temperature")
         _check_num_hard_negatives(self.num_hard_negatives)
         _check_margin(self.false_negative_margin)
-        for name in ("gradcache_chunk_size", "image_size", "max_length"):
+        for name in ("gradcache_chunk_size", "gradcache_max_tokens", "image_size", "max_length"):
             check_int(name, getattr(self, name), optional=True)
+        if self.gradcache_max_tokens is not None and self.gradcache_chunk_size is None:
+            raise ValueError("gradcache_max_tokens bounds GradCache chunks: set gradcache_chunk_size too")
         if self.matryoshka_dims is not None:
             self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
                                                                                       self.matryoshka_weights))
@@ -122,7 +129,7 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
             raise TypeError(f"args must be a HardNegativeConfig, got {type(args).__name__}")
         if data_collator is None and processor is not None:
             data_collator = MMEBCollator(processor, image_size=args.image_size, chunk_size=args.gradcache_chunk_size,
-                                         max_length=args.max_length)
+                                         max_length=args.max_length, max_tokens_per_chunk=args.gradcache_max_tokens)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
         self.num_skipped_pairs = 0
         if args.matryoshka_dims:

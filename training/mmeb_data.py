@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from modeling_unime.batching import estimate_tokens
 from modeling_unime.inputs import load_image
 from modeling_unime.prompts import MMEB_IMAGE_PLACEHOLDER
 
@@ -330,6 +331,10 @@ class MMEBCollator:
             the original size (the backbone's image processor still applies its own resizing).
         chunk_size (`int`, *optional*): for GradCache, process the batch in chunks of this many
             rows; `query` and `target` are then lists of BatchFeatures (one per chunk).
+        max_tokens_per_chunk (`int`, *optional*): with `chunk_size`, also close a chunk before its
+            padded language-model tokens (rows x longest row, image tokens included) exceed this, so
+            one long item cannot blow a chunk's memory (a row longer than this is a chunk alone).
+            Rows keep their order; query and target chunks are cut independently.
         skip_bad_images (`bool`): drop pairs whose image is missing or unreadable instead of
             raising; they are counted in `num_skipped` (this process's collator) and in the
             batch's `num_skipped` entry, which the trainer logs as `skipped_pairs`.
@@ -343,11 +348,16 @@ class MMEBCollator:
     """
 
     def __init__(self, processor, image_root=None, image_size=336, chunk_size=None, skip_bad_images=False,
-                 max_length=None):
+                 max_length=None, max_tokens_per_chunk=None):
         if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if max_tokens_per_chunk is not None and (not isinstance(max_tokens_per_chunk, int) or max_tokens_per_chunk < 1):
+            raise ValueError(f"max_tokens_per_chunk must be a positive int or None, got {max_tokens_per_chunk!r}")
+        if max_tokens_per_chunk is not None and chunk_size is None:
+            raise ValueError("max_tokens_per_chunk needs chunk_size (it bounds GradCache chunks)")
+        self.max_tokens_per_chunk = max_tokens_per_chunk
         self.processor = processor
         self.image_root = image_root
         self.image_size = image_size
@@ -392,8 +402,23 @@ class MMEBCollator:
     def _process(self, items):
         if self.chunk_size is None:
             return self._process_chunk(items)
-        return [self._process_chunk(items[start:start + self.chunk_size])
-                for start in range(0, len(items), self.chunk_size)]
+        return [self._process_chunk(chunk) for chunk in self._chunks(items)]
+
+    def _chunks(self, items):
+        """Consecutive runs of at most `chunk_size` items and `max_tokens_per_chunk` padded tokens."""
+        if self.max_tokens_per_chunk is None:
+            return [items[start:start + self.chunk_size] for start in range(0, len(items), self.chunk_size)]
+        entries = [(index, self._cut(text), image) for index, (text, image) in enumerate(items)]
+        lengths = estimate_tokens(self.processor, entries, prompt_style="instruction")
+        chunks, chunk, longest = [], [], 0
+        for item, length in zip(items, lengths):
+            padded = (len(chunk) + 1) * max(longest, length)
+            if chunk and (len(chunk) == self.chunk_size or padded > self.max_tokens_per_chunk):
+                chunks.append(chunk)
+                chunk, longest = [], 0
+            chunk.append(item)
+            longest = max(longest, length)
+        return chunks + [chunk]
 
     def _process_chunk(self, items):
         texts = [self._cut(text) for text, _ in items]
