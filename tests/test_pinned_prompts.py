@@ -71,11 +71,10 @@ QUESTION = " Represent the given image with the following question: what colour?
 # VLM2Vec v1 rewrites <|image_1|> to the bare image token: "<image>" (LLaVA) or "<|image_pad|>" (Qwen).
 INSTRUCTION_LLAVA = "<image>" + QUESTION
 INSTRUCTION_QWEN = "<|image_pad|>" + QUESTION
-QWEN_ISSUE_17 = pytest.mark.xfail(strict=True, reason="issue 17: bare <|image_pad|> in instruction mode")
 
 INSTRUCTION_CASES = [
-    pytest.param("qwen2_vl", INSTRUCTION_QWEN, marks=QWEN_ISSUE_17, id="qwen2_vl"),
-    pytest.param("qwen2_5_vl", INSTRUCTION_QWEN, marks=QWEN_ISSUE_17, id="qwen2_5_vl"),
+    pytest.param("qwen2_vl", INSTRUCTION_QWEN, id="qwen2_vl"),
+    pytest.param("qwen2_5_vl", INSTRUCTION_QWEN, id="qwen2_5_vl"),
     pytest.param("llava", INSTRUCTION_LLAVA, id="llava"),
     pytest.param("llava_next", INSTRUCTION_LLAVA, id="llava_next"),
     pytest.param("llava_onevision", INSTRUCTION_LLAVA, id="llava_onevision"),
