@@ -207,6 +207,7 @@ def main(argv=None):
             progress.update(len(items))
     elapsed = time.perf_counter() - started
     totals = accelerator.reduce(torch.tensor([rows_mine, len(mine)], device=accelerator.device), reduction="sum")
+    elapsed = accelerator.gather(torch.tensor([elapsed], device=accelerator.device)).max().item()  # the slowest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rows, shards = (int(x) for x in totals.tolist())
