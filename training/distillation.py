@@ -28,7 +28,8 @@ from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .gradcache import embed
 from .losses import KD_DIRECTIONS, _check_temperature, distillation_loss
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_bool, check_int
+from .checks import check_bool, check_int
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
 LANGUAGE_MODEL_MARKER = "language_model."

@@ -23,7 +23,8 @@ from .distributed import gather_with_grad
 from .gradcache import embed, gradcache_step
 from .losses import _check_margin, _check_num_hard_negatives, _check_temperature, hard_negative_infonce_loss
 from .mmeb_data import MMEBCollator
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_int
+from .checks import check_int
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 
 @dataclass
