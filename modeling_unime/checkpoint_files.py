@@ -25,8 +25,8 @@ JSON_FILES = (
 )
 
 
-def local_folder(path_or_id):
-    """`Path` of `path_or_id` if it names a local folder, None for a Hub id.
+def local_folder(path_or_id, subfolder=None):
+    """`Path` of `path_or_id` (joined with `subfolder`, if given) if it names a local folder, None for a Hub id.
 
     Raises:
         FileNotFoundError: `path_or_id` is written as a local path (absolute, or starting with `.` or
@@ -36,7 +36,7 @@ def local_folder(path_or_id):
         raise TypeError(f"expected a checkpoint folder or Hub id as str or path, got {type(path_or_id).__name__}")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
-        return path
+        return path / subfolder if subfolder else path
     text = os.fspath(path_or_id)
     if path.exists() or os.path.isabs(text) or text.startswith((".", "~")):
         problem = "is a file, not a checkpoint folder" if path.exists() else "does not exist"
@@ -85,7 +85,7 @@ def check_safetensors_files(folder):
                              f"{8 + header_size + end}")
 
 
-def check_unime_checkpoint(path_or_id):
+def check_unime_checkpoint(path_or_id, subfolder=None):
     """Refuse a local folder that is not a complete UniME checkpoint, naming the file at fault.
 
     Raises:
@@ -93,7 +93,7 @@ def check_unime_checkpoint(path_or_id):
         ValueError: `config.json` is not a JSON object or is a backbone's (then `from_backbone` is
             suggested), or a JSON or weights file is empty or truncated.
     """
-    folder = local_folder(path_or_id)
+    folder = local_folder(path_or_id, subfolder)
     if folder is None:
         return
     if not (folder / "config.json").is_file():
@@ -113,10 +113,10 @@ def check_unime_checkpoint(path_or_id):
     check_safetensors_files(folder)
 
 
-def check_processor_folder(path_or_id):
-    """Refuse a local processor folder whose JSON files are missing, empty or truncated, naming the file."""
-    folder = local_folder(path_or_id)
-    if folder is not None:
+def check_processor_folder(path_or_id, subfolder=None):
+    """Refuse a local processor folder whose JSON files are empty, truncated or not objects, naming the file."""
+    folder = local_folder(path_or_id, subfolder)
+    if folder is not None and folder.is_dir():
         check_json_files(folder)
 
 

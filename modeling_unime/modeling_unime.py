@@ -191,7 +191,7 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`,
         and raises `ValueError` instead of randomly initialising weights missing from the checkpoint."""
-        check_unime_checkpoint(pretrained_model_name_or_path)
+        check_unime_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder"))
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
         # Loaded with mismatches allowed so that the error below can name the key (transformers' names none).

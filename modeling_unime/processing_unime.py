@@ -208,7 +208,7 @@ class UniMEProcessor(ProcessorMixin):
         without torchvision on every transformers 5.x release.
         """
         path = pretrained_model_name_or_path
-        check_processor_folder(path)
+        check_processor_folder(path, kwargs.get("subfolder"))
         hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         settings = _read_optional_json(path, "processor_config.json", **hub_kwargs)
         if "backbone_family" not in settings:

@@ -27,8 +27,9 @@ import torch
 from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .gradcache import embed
+from .checks import check_bool, check_int
 from .losses import KD_DIRECTIONS, _check_temperature, check_matryoshka, distillation_loss, matryoshka_loss, record_matryoshka_dims
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_bool, check_int
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
 LANGUAGE_MODEL_MARKER = "language_model."

@@ -31,7 +31,8 @@ from .losses import (
     record_matryoshka_dims,
 )
 from .mmeb_data import MMEBCollator
-from .trainer_base import UniMETrainerBase, UniMETrainingConfig, check_int
+from .checks import check_int
+from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 
 @dataclass

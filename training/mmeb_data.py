@@ -36,6 +36,7 @@ from modeling_unime.batching import estimate_tokens
 from modeling_unime.inputs import load_image
 from modeling_unime.prompts import MMEB_IMAGE_PLACEHOLDER
 
+from .checks import check_bool, check_int
 from .tables import load_table
 
 logger = logging.getLogger(__name__)
@@ -349,12 +350,11 @@ class MMEBCollator:
 
     def __init__(self, processor, image_root=None, image_size=336, chunk_size=None, skip_bad_images=False,
                  max_length=None, max_tokens_per_chunk=None):
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if max_tokens_per_chunk is not None and (not isinstance(max_tokens_per_chunk, int) or max_tokens_per_chunk < 1):
-            raise ValueError(f"max_tokens_per_chunk must be a positive int or None, got {max_tokens_per_chunk!r}")
+        check_int("image_size", image_size, optional=True)
+        check_int("chunk_size", chunk_size, optional=True)
+        check_int("max_length", max_length, optional=True)
+        check_int("max_tokens_per_chunk", max_tokens_per_chunk, optional=True)
+        check_bool("skip_bad_images", skip_bad_images)
         if max_tokens_per_chunk is not None and chunk_size is None:
             raise ValueError("max_tokens_per_chunk needs chunk_size (it bounds GradCache chunks)")
         self.max_tokens_per_chunk = max_tokens_per_chunk

@@ -1,8 +1,6 @@
 """What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves,
 atomic checkpoints and a stop on a non-finite loss."""
 
-import math
-import numbers
 import os
 import shutil
 from collections import defaultdict
@@ -20,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 
 from modeling_unime.atomic import publish_directory, recover
 
+from .checks import check_bool, check_int, check_number
 from .lora import (
     LANGUAGE_MODEL_LINEAR_LAYERS,
     LORA_SCOPES,
@@ -91,30 +90,6 @@ class UniMETrainingConfig(TrainingArguments):
         if self.lora_scope not in LORA_SCOPES:
             raise ValueError(f"lora_scope={self.lora_scope!r}; expected one of {LORA_SCOPES}")
         check_bool("save_merged_model", self.save_merged_model)
-
-
-def check_int(name, value, minimum=1, optional=False):
-    """Raise naming `name` unless `value` is an int >= `minimum` (or None when `optional`); bools are refused."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}{' or None' if optional else ''}, got {value!r}")
-
-
-def check_number(name, value, positive=False):
-    """Raise naming `name` unless `value` is a finite real number (> 0 when `positive`); bools are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
-
-
-def check_bool(name, value):
-    """Raise naming `name` unless `value` is True or False (a string such as "false" would read as True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def remove_leftover_staging(run_dir):

@@ -172,3 +172,24 @@ def test_good_non_default_values_pass(tmp_path):
                   lora_rank=0, lora_alpha=0.5, lora_dropout=0.0, lora_scope="all")(tmp_path)
     assert (args.false_negative_margin, args.contrastive_temperature, args.lora_rank) == (-0.05, 1, 0)
     assert stage1(kd_temperature=1, max_length=1, kd_mask_diagonal=False)(tmp_path).max_length == 1
+
+
+def collator(**values):
+    from training.mmeb_data import MMEBCollator
+
+    return lambda path: MMEBCollator(processor=None, **values)
+
+
+COLLATOR_CASES = [
+    case("collator image_size True", collator(image_size=True), TypeError, r"^image_size must be an int >= 1 or None, got True"),
+    case("collator max_length -1", collator(max_length=-1), ValueError, r"^max_length must be >= 1 or None, got -1"),
+    case("collator chunk_size as a string", collator(chunk_size="8"), TypeError, r"^chunk_size .*got '8'"),
+    case("collator skip_bad_images as a string", collator(skip_bad_images="no"), TypeError,
+         r"^skip_bad_images must be True or False, got 'no'"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", COLLATOR_CASES)
+def test_collator_refuses_bad_settings_by_name(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tmp_path)
