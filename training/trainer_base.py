@@ -1,5 +1,6 @@
-"""What both UniME trainers share: LoRA fields, LoRA setup, logging of loss statistics, merged saves,
-atomic checkpoints and a stop on a non-finite loss."""
+"""What both UniME trainers share: LoRA fields, LoRA setup (seeded), logging of loss statistics, merged
+saves with the stage recorded for the model card, atomic checkpoints, resuming (`"true"` or a folder;
+no silent overwrite of an earlier run's checkpoints) and a stop on a non-finite loss."""
 
 import os
 import shutil
