@@ -2,11 +2,13 @@
 then swap it in. Used by `UniMEModel.save_pretrained`, `UniMEProcessor.save_pretrained` and the training
 side (merged models, Trainer checkpoints, teacher caches, evaluation results).
 
-A folder cannot be replaced in one atomic rename, so the swap is two renames: the old folder goes to
-`.<name>.old`, the staging folder `.<name>.tmp` becomes `<name>`. If the second rename fails the old
-folder is put back. A process killed between the two renames leaves `<name>` absent and the complete
-old folder in `.<name>.old`: the next save to `<name>` puts it back before it starts, and clears any
-`.<name>.tmp` left behind. Names starting with a dot never match `checkpoint-N`, so resume never
+On Linux the staging folder `.<name>.tmp` and an existing `<name>` are swapped in one atomic step
+(`renameat2(RENAME_EXCHANGE)`), so `<name>` is at every instant the complete old or the complete new
+folder. Where the system or filesystem cannot exchange, the swap is two renames: the old folder goes to
+`.<name>.old`, the staging folder becomes `<name>`; if the second rename fails the old folder is put
+back, and a process killed between the two renames leaves `<name>` absent and the complete old folder
+in `.<name>.old`: the next save to `<name>` puts it back before it starts, and clears any `.<name>.tmp`
+left behind. Names starting with a dot never match `checkpoint-N`, so resume never
 picks up a staging folder.
 
 What we write is readable by others as the umask allows (755 folders / 644 files under umask 022):
@@ -14,10 +16,45 @@ What we write is readable by others as the umask allows (755 folders / 644 files
 """
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fnmatch
 import os
 import shutil
 from pathlib import Path
+
+
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _load_renameat2():
+    """libc's `renameat2`, or `None` where the C library has none (not Linux, or glibc before 2.28)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def exchange_paths(first, second):
+    """Swap two existing paths in one atomic step; `False` (nothing changed) where the system or the
+    filesystem cannot, `OSError` for any other failure."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(first), None, os.fspath(second))
 
 
 def staging_names(target):
@@ -77,6 +114,9 @@ def publish_directory(staging, target):
         shutil.rmtree(backup)
     if not target.exists():
         os.replace(staging, target)
+        return target
+    if exchange_paths(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder: a leftover is only disk space
         return target
     os.replace(target, backup)
     try:

@@ -126,7 +126,9 @@ def new_folder(path, text):
 
 @pytest.mark.parametrize("failing_call", [1, 2])
 def test_a_failed_rename_in_the_swap_leaves_the_old_folder(tmp_path, monkeypatch, failing_call):
-    """Call 1 moves the old folder aside, call 2 moves the new one in: either failing leaves the old."""
+    """Without an atomic exchange (not Linux, or a filesystem without RENAME_EXCHANGE): call 1 moves the old
+    folder aside, call 2 moves the new one in; either failing leaves the old."""
+    monkeypatch.setattr(atomic, "exchange_paths", lambda first, second: False)
     target = new_folder(tmp_path / "model", "old")
     staging = new_folder(tmp_path / ".model.tmp", "new")
     before = snapshot(target)
@@ -147,6 +149,7 @@ def test_a_failed_rename_in_the_swap_leaves_the_old_folder(tmp_path, monkeypatch
 
 
 def test_a_failed_cleanup_after_the_swap_keeps_the_new_folder_and_the_next_save_clears_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "exchange_paths", lambda first, second: False)  # the two-rename swap
     target = new_folder(tmp_path / "model", "old")
     real_rmtree = shutil.rmtree
     monkeypatch.setattr(atomic.shutil, "rmtree", lambda path, ignore_errors=False: None)  # removal "fails"
@@ -156,6 +159,28 @@ def test_a_failed_cleanup_after_the_swap_keeps_the_new_folder_and_the_next_save_
     with atomic.atomic_directory(target) as staging:
         (staging / "weights").write_text("newer")
     assert sorted(os.listdir(tmp_path)) == ["model"] and (target / "weights").read_text() == "newer"
+
+
+def test_the_swap_is_one_atomic_exchange_where_the_system_has_one(tmp_path, monkeypatch):
+    """On Linux the old and new folders trade places in one `renameat2(RENAME_EXCHANGE)`: no rename or
+    removal runs before the target is the new folder, and a failed clean-up of the old copy only leaves
+    `.model.tmp`, which the next save clears."""
+    if not atomic.exchange_paths(new_folder(tmp_path / "a", "a"), new_folder(tmp_path / "b", "b")):
+        pytest.skip("this system or filesystem has no atomic exchange; the two-rename swap is tested above")
+    assert (tmp_path / "a" / "weights").read_text() == "b" and (tmp_path / "b" / "weights").read_text() == "a"
+    target = new_folder(tmp_path / "model", "old")
+    calls = []
+    monkeypatch.setattr(atomic.os, "replace", lambda *args: calls.append(args))
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda path, ignore_errors=False: calls.append(path))
+    atomic.publish_directory(new_folder(tmp_path / ".model.tmp", "new"), target)
+    assert (target / "weights").read_text() == "new" and (tmp_path / ".model.tmp" / "weights").read_text() == "old"
+    assert calls == [tmp_path / ".model.tmp"]  # only the clean-up, after the exchange
+    monkeypatch.setattr(atomic.shutil, "rmtree", real_rmtree)
+    monkeypatch.undo()
+    with atomic.atomic_directory(target) as staging:
+        (staging / "weights").write_text("newer")
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "model"] and (target / "weights").read_text() == "newer"
 
 
 def killed_between_the_renames(tmp_path):
