@@ -321,8 +321,8 @@ class UniMEProcessor(ProcessorMixin):
         truncation = truncation not in (False, None, "do_not_truncate")
         if truncation and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"truncation needs max_length, a positive number of tokens; got max_length={max_length!r}")
-        if "padding" in kwargs and kwargs["padding"] == "max_length" and not truncation and max_length is not None:
-            kwargs["max_length"] = max_length
+        if kwargs.get("padding") == "max_length" and max_length is not None:
+            kwargs["max_length"] = max_length  # padding up to it; the backbone never truncates
         texts, image_list = self._pair_items(text, images)
         names = item_names or [f"item {index}" for index in range(len(texts))]
         backbone = self.backbone_processor()
@@ -339,26 +339,29 @@ class UniMEProcessor(ProcessorMixin):
         kwargs.setdefault("padding", True)
         kwargs.setdefault("return_tensors", "pt")
 
-        def run(item_texts):
+        def run(item_texts, **overrides):
             prompts = [
                 self.format_prompt(item_text, item_image is not None, prompt_style, instruction)
                 for item_text, item_image in zip(item_texts, image_list)
             ]
             present_images = [image for image in image_list if image is not None]
-            return backbone(text=prompts, images=present_images or None, **kwargs)
+            merged = {**kwargs, **overrides}
+            if merged["padding"] is True:
+                merged.pop("max_length", None)  # only meaningful with padding="max_length"
+            return backbone(text=prompts, images=present_images or None, **merged)
 
-        outputs = run(texts)
-        # Rarely more than one round: a cut text may tokenise differently where it meets the template.
+        if not truncation:
+            return run(texts)
+        # Measured with padding to the longest item (an overlong one cannot be padded to max_length). Rarely
+        # more than one round: a cut text may tokenise differently where it meets the template.
         for _ in range(4):
-            if not truncation:
-                return outputs
+            outputs = run(texts, padding=True)
             lengths = outputs["attention_mask"].sum(dim=1).tolist()
             if max(lengths) <= max_length:
-                return outputs
+                return outputs if kwargs["padding"] is True else run(texts)
             texts = [self._cut_text(item_text, length - max_length, names[index], max_length, length)
                      if length > max_length else item_text
                      for index, (item_text, length) in enumerate(zip(texts, lengths))]
-            outputs = run(texts)
         raise ValueError(f"could not fit the texts of {names} in max_length={max_length} tokens")
 
     def _cut_text(self, text, excess, name, max_length, length):

@@ -89,6 +89,9 @@ def test_long_text_is_cut_before_the_template(tiny):
     batch = processor(text=[long_text], truncation=True, max_length=max_length)
     assert batch["input_ids"].shape == (1, max_length)
     assert processor.tokenizer.decode(batch["input_ids"][0]).endswith(TEMPLATE_END)
+    padded = processor(text=["hello", long_text], truncation=True, max_length=max_length, padding="max_length")
+    assert padded["attention_mask"].sum(dim=1).tolist() == [overhead + 1, max_length]
+    assert torch.equal(padded["input_ids"][1], batch["input_ids"][0])
 
 
 def test_the_config_default_truncates_and_is_saved(tiny, tmp_path):
