@@ -67,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--encode-items", type=int, default=300)
     parser.add_argument("--batch-sizes", default="8,32,128")
     parser.add_argument("--tokenizer-dir", default=None)
+    parser.add_argument("--only", choices=("training", "encode"), default=None, help="count one part only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -340,10 +341,12 @@ def print_encode(rows, args):
 def main(argv=None):
     args = parse_args(argv)
     processor = build_processor(args.size, args.tokenizer_dir)
-    training = training_table(args, processor)
-    encoding = encode_table(args, processor)
-    print_training(training, args)
-    print_encode(encoding, args)
+    training = training_table(args, processor) if args.only != "encode" else []
+    encoding = encode_table(args, processor) if args.only != "training" else []
+    if training:
+        print_training(training, args)
+    if encoding:
+        print_encode(encoding, args)
     write_json(args.json, {"benchmark": "efficiency", "size": args.size, "pairs": args.pairs, "chunk": args.chunk,
                            "training_tflop_per_pair": training, "encode": encoding})
     return 0
