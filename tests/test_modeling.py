@@ -38,7 +38,8 @@ def official_processor(family, directory):
     """The backbone's own processor class, built the way a user of the released code would."""
     base = getattr(transformers, {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                                   "qwen3_vl": "Qwen3VLProcessor", "llava": "LlavaProcessor",
-                                  "llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor"}[family])
+                                  "llava_next": "LlavaNextProcessor",
+                                  "llava_onevision": "LlavaOnevisionProcessor"}[family])
 
     class NoVideo(base):  # torchvision is not installed, so no video processor
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
