@@ -37,7 +37,8 @@ OFFICIAL_CHAT = {
 def official_processor(family, directory):
     """The backbone's own processor class, built the way a user of the released code would."""
     base = getattr(transformers, {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                                  "qwen3_vl": "Qwen3VLProcessor", "llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor",
+                                  "qwen3_vl": "Qwen3VLProcessor", "llava": "LlavaProcessor",
+                                  "llava_next": "LlavaNextProcessor",
                                   "llava_onevision": "LlavaOnevisionProcessor"}[family])
 
     class NoVideo(base):  # torchvision is not installed, so no video processor
