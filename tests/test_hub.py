@@ -29,9 +29,7 @@ from training.demo.tiny_models import tiny_unime
 
 REPO = "user/unime-tiny"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = {"modeling_unime.py", "configuration_unime.py", "processing_unime.py", "encoding.py", "batching.py",
-              "inputs.py", "prompts.py", "model_card.py", "hub.py", "sentence_transformers_module.py", "atomic.py",
-              "checkpoint_files.py"}
+CODE_FILES = {"modeling_unime.py"}  # the package bundled into one file (modeling_unime/bundle.py)
 MODEL_FILES = {"README.md", "config.json", "model.safetensors", "modules.json", "config_sentence_transformers.json",
                *CODE_FILES}
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
