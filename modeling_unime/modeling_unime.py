@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Pre
 from transformers.utils import ModelOutput, logging
 
 from .atomic import atomic_directory
+from .bundle import write_bundle
 from .checkpoint_files import check_backbone_checkpoint, check_unime_checkpoint
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
@@ -88,6 +89,7 @@ class UniMEPreTrainedModel(PreTrainedModel):
             super().save_pretrained(staging, is_main_process=True, **kwargs)
             write_model_card(self.config, staging)
             write_sentence_transformers_files(staging, self.config)
+            write_bundle(staging)  # one shipped code file: one Hub download notice (bundle.py)
         if push_kwargs is not None:
             push_checkpoint(save_directory, **push_kwargs)
 

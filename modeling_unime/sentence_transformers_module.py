@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor
 
-MODULE_CLASS_REF = "sentence_transformers_module.UniMESentenceTransformer"
+MODULE_CLASS_REF = "modeling_unime.UniMESentenceTransformer"  # in the bundled modeling_unime.py (bundle.py)
 MODULES_FILE = "modules.json"
 SENTENCE_TRANSFORMERS_CONFIG_FILE = "config_sentence_transformers.json"
 

@@ -34,7 +34,7 @@ NORMALIZE_DIR = "2_Normalize"
 # Legacy module paths: vLLM releases before mid-2026 recognise only these; sentence-transformers 6 maps them.
 TRANSFORMER_MODULE = "sentence_transformers.models.Transformer"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
-NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
+NORMALIZE_MODULE_TYPE = "sentence_transformers.models.Normalize"
 LEGACY_POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
                         "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
 IMAGE_PART_TYPES = ("image", "image_url", "image_pil", "image_embeds")
@@ -150,7 +150,7 @@ def write_sentence_transformers_metadata(directory, embedding_dimension, max_seq
     modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_MODULE},
                {"idx": 1, "name": "1", "path": POOLING_DIR, "type": POOLING_MODULE}]
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": NORMALIZE_MODULE})
+        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": NORMALIZE_MODULE_TYPE})
         (directory / NORMALIZE_DIR).mkdir(exist_ok=True)
         (directory / NORMALIZE_DIR / "config.json").write_text("{}\n", encoding="utf-8")
     (directory / POOLING_DIR).mkdir(exist_ok=True)

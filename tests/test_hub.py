@@ -29,9 +29,7 @@ from training.demo.tiny_models import tiny_unime
 
 REPO = "user/unime-tiny"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = {"modeling_unime.py", "configuration_unime.py", "processing_unime.py", "encoding.py", "batching.py",
-              "inputs.py", "prompts.py", "model_card.py", "hub.py", "sentence_transformers_module.py", "atomic.py",
-              "checkpoint_files.py"}
+CODE_FILES = {"modeling_unime.py"}  # the package bundled into one file (modeling_unime/bundle.py)
 MODEL_FILES = {"README.md", "config.json", "model.safetensors", "modules.json", "config_sentence_transformers.json",
                *CODE_FILES}
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
@@ -108,14 +106,15 @@ def test_push_uploads_weights_code_processor_and_card(fake_hub):
     weights = load_safetensors_bytes(files["model.safetensors"])
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
-    for name in CODE_FILES:
-        assert files[name] == (REPO_ROOT / "modeling_unime" / name).read_bytes(), name
+    bundle = files["modeling_unime.py"].decode()
+    for name in ("configuration_unime", "modeling_unime", "processing_unime", "sentence_transformers_module"):
+        assert f"# ---- {name}.py ----" in bundle, name
     config = json.loads(files["config.json"])
-    assert config["auto_map"] == {"AutoConfig": "configuration_unime.UniMEConfig",
+    assert config["auto_map"] == {"AutoConfig": "modeling_unime.UniMEConfig",
                                   "AutoModel": "modeling_unime.UniMEModel"}
     assert config["unime_training"]["stages"] == [STAGE]
     processor_auto_map = json.loads(files["processor_config.json"])["auto_map"]
-    assert processor_auto_map == {"AutoProcessor": "processing_unime.UniMEProcessor"}
+    assert processor_auto_map == {"AutoProcessor": "modeling_unime.UniMEProcessor"}
     # The processor's push re-uploads the card it found on the Hub: ours, unchanged.
     assert files["README.md"] == card_after_model_push
 

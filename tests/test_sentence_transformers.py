@@ -59,7 +59,7 @@ def st_encode(st_model, items, **kwargs):
 
 def test_the_checkpoint_names_its_module_and_sentence_transformers_uses_the_shipped_code(saved):
     model, _, checkpoint, st_model = saved
-    assert (checkpoint / "modules.json").is_file() and (checkpoint / "sentence_transformers_module.py").is_file()
+    assert (checkpoint / "modules.json").is_file() and (checkpoint / "modeling_unime.py").is_file()
     module = st_model[0]
     assert type(module).__name__ == "UniMESentenceTransformer"
     assert type(module).__module__.startswith("transformers_modules."), type(module).__module__
