@@ -81,7 +81,7 @@ def test_budgeted_chunks_give_the_unchunked_gradients(setup):
 def test_budget_arguments_are_checked():
     with pytest.raises(ValueError, match="max_tokens_per_chunk needs chunk_size"):
         MMEBCollator(None, max_tokens_per_chunk=100)
-    with pytest.raises(ValueError, match="max_tokens_per_chunk must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="max_tokens_per_chunk must be >= 1 or None, got 0"):
         MMEBCollator(None, chunk_size=2, max_tokens_per_chunk=0)
     with pytest.raises(ValueError, match="gradcache_max_tokens bounds GradCache chunks: set gradcache_chunk_size"):
         HardNegativeConfig("out", gradcache_max_tokens=100, report_to="none")

@@ -289,9 +289,12 @@ def test_normalize_off_and_encode_options_against_hidden_states():
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-3)  # the setting matters
     unnormalised = model.encode(texts, processor=processor, batch_size=2, normalize_embeddings=False)
     torch.testing.assert_close(unnormalised, raw, rtol=1e-4, atol=1e-5)
-    normalised = model.encode(texts, processor=processor, batch_size=1)
+    # normalize_embeddings=None (the default) follows config.normalize, here False: the raw states.
+    torch.testing.assert_close(model.encode(texts, processor=processor, batch_size=3), raw, rtol=1e-4, atol=1e-5)
+    normalised = model.encode(texts, processor=processor, batch_size=1, normalize_embeddings=True)
     torch.testing.assert_close(normalised, raw / raw.norm(dim=-1, keepdim=True), rtol=1e-4, atol=1e-5)
-    as_numpy = model.encode(texts, processor=processor, batch_size=3, convert_to_tensor=False)
+    as_numpy = model.encode(texts, processor=processor, batch_size=3, convert_to_tensor=False,
+                            normalize_embeddings=True)
     np.testing.assert_allclose(as_numpy, normalised.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -39,6 +39,9 @@ def _rename(key, prefixes):
 
 @pytest.mark.parametrize("layout", ["legacy", "transformers5"])
 def test_from_backbone_loads_both_key_layouts(family, layout, tmp_path):
+    if family == "qwen3_vl" and layout == "legacy":
+        pytest.skip("Qwen3-VL arrived with transformers' 5.x layout (model.language_model / model.visual): "
+                    "there is no older key layout to load")
     directory = save_tiny_backbone(family, tmp_path / "ckpt", seed=7)
     reference = tiny_generation_model(family, seed=7)
     state = {key: value.contiguous() for key, value in reference.state_dict().items()}

@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 TEXT = "a red square"
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -58,6 +59,13 @@ EXPECTED_PROMPTS = {
     ),
 }
 EXPECTED_PROMPTS["qwen2_5_vl"] = EXPECTED_PROMPTS["qwen2_vl"]
+# Qwen3-VL's chat template adds no default system turn.
+EXPECTED_PROMPTS["qwen3_vl"] = (
+    f"<|im_start|>user\n{TEXT}\nSummary above sentence in one word:<|im_end|>\n<|im_start|>assistant\n",
+    f"<|im_start|>user\n{QWEN_IMAGE}Summary above image in one word:<|im_end|>\n<|im_start|>assistant\n",
+    f"<|im_start|>user\n{QWEN_IMAGE}{TEXT}\nSummary above image and sentence in one word:<|im_end|>\n"
+    "<|im_start|>assistant\n",
+)
 MESSAGES = (
     [{"role": "user", "content": [{"type": "text", "text": TEXT}]}],
     [{"role": "user", "content": [{"type": "image"}]}],
@@ -191,7 +199,9 @@ def test_failed_export_leaves_the_previous_one_and_mismatched_processor_is_refus
         model.save_for_serving(out, processor=tiny_unime("qwen2_vl")[1])
     model.config.prompt_templates = None
     broken = UniMEProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
-                            backbone_family="llava", prompt_templates=dict(processor.prompt_templates, text="no slot"))
+                            backbone_family="llava", prompt_templates=dict(processor.prompt_templates))
+    # The constructor refuses such templates; edited afterwards, the export still must not write them.
+    broken.prompt_templates = dict(processor.prompt_templates, text="no slot")
     with pytest.raises(ValueError, match="must contain '<sent>' once"):
         model.save_for_serving(out, processor=broken)
     assert sorted(p.name for p in out.iterdir()) == before

