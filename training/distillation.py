@@ -24,11 +24,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_bool, check_int
 from .data import DistillationCollator
 from .distributed import gather_with_grad
 from .gradcache import embed
-from .checks import check_bool, check_int
-from .losses import KD_DIRECTIONS, _check_temperature, check_matryoshka, distillation_loss, matryoshka_loss, record_matryoshka_dims
+from .losses import (
+    KD_DIRECTIONS,
+    _check_temperature,
+    distillation_loss,
+    matryoshka_loss,
+    record_matryoshka_dims,
+)
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 # Parameter-name marker of the language model inside every supported backbone's base model.
@@ -62,14 +68,6 @@ class DistillationConfig(UniMETrainingConfig):
         metadata={"help": "Maximum tokens of each text before the prompt template is added; longer texts are "
                           "cut so the template's last token (the pooled one) is always kept. None: no limit."},
     )
-    matryoshka_dims: list[int] | None = field(
-        default=None,
-        metadata={"help": "Matryoshka prefix sizes, strictly increasing, e.g. [64, 128, 256, 512, D]: the loss is "
-                          "summed over the first d dims of the embeddings, re-normalised (None = off)."},
-    )
-    matryoshka_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per Matryoshka dim (default: 1.0 each, as in MRL)."}
-    )
     use_qlora: bool = field(
         default=False,
         metadata={"help": "Train LoRA on a 4-bit (NF4) quantised model (QLoRA, as the paper); needs bitsandbytes "
@@ -84,11 +82,6 @@ class DistillationConfig(UniMETrainingConfig):
         check_bool("kd_mask_diagonal", self.kd_mask_diagonal)
         check_int("max_length", self.max_length, optional=True)
         check_bool("use_qlora", self.use_qlora)
-        if self.matryoshka_dims is not None:
-            self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
-                                                                                      self.matryoshka_weights))
-        elif self.matryoshka_weights is not None:
-            raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
         if self.lora_scope != "language_model":
             raise ValueError(
                 f"lora_scope={self.lora_scope!r}: stage 1 runs the language model only (the vision tower "

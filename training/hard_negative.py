@@ -19,19 +19,18 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import DistributedType
 
+from .checks import check_int
 from .distributed import gather_with_grad
 from .gradcache import embed, gradcache_step
 from .losses import (
     _check_margin,
     _check_num_hard_negatives,
     _check_temperature,
-    check_matryoshka,
     hard_negative_infonce_loss,
     matryoshka_loss,
     record_matryoshka_dims,
 )
 from .mmeb_data import MMEBCollator
-from .checks import check_int
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
 
@@ -68,14 +67,6 @@ class HardNegativeConfig(UniMETrainingConfig):
     max_length: int | None = field(
         default=None, metadata={"help": "Cut each text to this many tokens (image tokens not counted)."}
     )
-    matryoshka_dims: list[int] | None = field(
-        default=None,
-        metadata={"help": "Matryoshka prefix sizes, strictly increasing, e.g. [64, 128, 256, 512, D]: the loss is "
-                          "summed over the first d dims of the embeddings, re-normalised (None = off)."},
-    )
-    matryoshka_weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per Matryoshka dim (default: 1.0 each, as in MRL)."}
-    )
     ddp_broadcast_buffers: bool | None = field(
         default=False,
         metadata={"help": "Kept False: GradCache runs a data-dependent number of forwards per step, and a "
@@ -93,11 +84,6 @@ class HardNegativeConfig(UniMETrainingConfig):
             check_int(name, getattr(self, name), optional=True)
         if self.gradcache_max_tokens is not None and self.gradcache_chunk_size is None:
             raise ValueError("gradcache_max_tokens bounds GradCache chunks: set gradcache_chunk_size too")
-        if self.matryoshka_dims is not None:
-            self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
-                                                                                      self.matryoshka_weights))
-        elif self.matryoshka_weights is not None:
-            raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
 
 
 class UniMEHardNegativeTrainer(UniMETrainerBase):

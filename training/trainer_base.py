@@ -27,6 +27,7 @@ from .lora import (
     save_merged_model,
     unwrap_unime,
 )
+from .losses import check_matryoshka
 from .publishing import push_merged_model, record_training_stage, trainer_stage_record
 
 
@@ -58,6 +59,14 @@ class UniMETrainingConfig(TrainingArguments):
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank; 0 trains the model as given (no new adapters)."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka prefix sizes, strictly increasing, e.g. [64, 128, 256, 512, D]: the loss is "
+                          "summed over the first d dims of the embeddings, re-normalised (None = off)."},
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per Matryoshka dim (default: 1.0 each, as in MRL)."}
+    )
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LANGUAGE_MODEL_LINEAR_LAYERS),
         metadata={"help": "Names of the linear layers that get LoRA adapters."},
@@ -77,6 +86,11 @@ class UniMETrainingConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims, self.matryoshka_weights = map(list, check_matryoshka(self.matryoshka_dims,
+                                                                                      self.matryoshka_weights))
+        elif self.matryoshka_weights is not None:
+            raise ValueError("matryoshka_weights is set but matryoshka_dims is not")
         check_int("lora_rank", self.lora_rank, minimum=0)
         if self.lora_alpha is not None:
             check_number("lora_alpha", self.lora_alpha, positive=True)
