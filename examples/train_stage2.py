@@ -75,6 +75,13 @@ class ScriptArguments:
                                                                "the checkpoint's / float32)."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2."})
 
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; expected one of {WEIGHT_DTYPES} or None")
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def load_model(args):
     """`(UniMEModel, UniMEProcessor)` from the stage-1 checkpoint, a backbone, or a tiny family."""

@@ -257,3 +257,38 @@ def test_two_processes_match_one_process_with_matryoshka(tmp_path):
         assert result[case]["num_gradients"] == 28
         assert result[case]["loss_max_abs_diff"] < 1e-12
         assert result[case]["grad_max_abs_diff"] < 1e-10 * result[case]["grad_max_abs"]
+
+
+def test_truncate_dim_round_trip_through_a_saved_checkpoint_and_sentence_transformers(tmp_path, images):
+    """Trained dims recorded by a trainer -> saved -> reloaded: `encode(truncate_dim=d)` is the first d
+    dims of the raw pooled state, re-normalised; an untrained d is refused; sentence-transformers'
+    `truncate_dim` gives the same vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    model, processor = tiny_unime("qwen2_vl", seed=5)
+    args = HardNegativeConfig(str(tmp_path / "run"), matryoshka_dims=[8, 16, 32], lora_rank=0, report_to="none")
+    UniMEHardNegativeTrainer(model=model, args=args, processor=processor)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    reloaded = UniMEModel.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.config.matryoshka_dims == [8, 16, 32]
+
+    items = ["a red square", images[0], {"image": images[1], "text": "two circles"}]
+    raw = reloaded.encode(items, normalize_embeddings=False)
+    for dim in (8, 16):
+        prefix = raw[:, :dim]
+        expected = prefix / prefix.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(reloaded.encode(items, truncate_dim=dim), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"truncate_dim=12 is not one of the dimensions this model was trained for"):
+        reloaded.encode(items, truncate_dim=12)
+
+    # sentence-transformers slices after its Normalize module and re-normalises only when asked
+    # (its own convention): the same direction, hence the same cosine scores, and with
+    # normalize_embeddings=True the same vectors.
+    st = SentenceTransformer(str(tmp_path / "ckpt"), trust_remote_code=True, truncate_dim=16)
+    ours = reloaded.encode(items[:1], truncate_dim=16)
+    renormalised = torch.as_tensor(st.encode(items[:1], normalize_embeddings=True))
+    torch.testing.assert_close(renormalised, ours, atol=1e-5, rtol=0)
+    sliced = torch.as_tensor(st.encode(items[:1]))
+    full = raw[:1] / raw[:1].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(sliced, full[:, :16], atol=1e-5, rtol=0)

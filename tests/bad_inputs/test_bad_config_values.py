@@ -193,3 +193,15 @@ COLLATOR_CASES = [
 def test_collator_refuses_bad_settings_by_name(tmp_path, call, error, match):
     with pytest.raises(error, match=match):
         call(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["float7", "int8", "bf16"])
+def test_stage2_script_refuses_an_unknown_weight_dtype_by_name(dtype):
+    import runpy
+
+    from tests.conftest import REPO_ROOT
+
+    script = runpy.run_path(str(REPO_ROOT / "examples" / "train_stage2.py"), run_name="unime_train_stage2")
+    with pytest.raises(ValueError, match=rf"^dtype='{dtype}'; expected one of \('float32', 'bfloat16', 'float16'\)"):
+        script["ScriptArguments"](dataset="pairs.jsonl", dtype=dtype)
+    assert script["ScriptArguments"](dataset="pairs.jsonl", dtype="bfloat16").dtype == "bfloat16"
