@@ -33,7 +33,6 @@ from .losses import (
     _check_temperature,
     distillation_loss,
     matryoshka_loss,
-    record_matryoshka_dims,
 )
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
 
@@ -223,8 +222,6 @@ class UniMEDistillationTrainer(UniMETrainerBase):
         if data_collator is None and processor is not None:
             data_collator = DistillationDataCollator(processor, max_length=args.max_length)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
-        if args.matryoshka_dims:
-            record_matryoshka_dims(self.unime_model(), args.matryoshka_dims)
 
     @staticmethod
     def _prepare_student(model, args):

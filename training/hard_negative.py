@@ -28,7 +28,6 @@ from .losses import (
     _check_temperature,
     hard_negative_infonce_loss,
     matryoshka_loss,
-    record_matryoshka_dims,
 )
 from .mmeb_data import MMEBCollator
 from .trainer_base import UniMETrainerBase, UniMETrainingConfig
@@ -119,8 +118,6 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
                                          max_length=args.max_length, max_tokens_per_chunk=args.gradcache_max_tokens)
         super().__init__(model=model, args=args, processor=processor, data_collator=data_collator, **kwargs)
         self.num_skipped_pairs = 0
-        if args.matryoshka_dims:
-            record_matryoshka_dims(self.unime_model(), args.matryoshka_dims)
 
     def contrastive_loss(self, query, target):
         """`hard_negative_infonce_loss` with this run's settings: `[B, D]` x 2 -> `(loss, stats)`.

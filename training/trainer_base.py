@@ -27,7 +27,7 @@ from .lora import (
     save_merged_model,
     unwrap_unime,
 )
-from .losses import check_matryoshka
+from .losses import check_matryoshka, record_matryoshka_dims
 from .publishing import push_merged_model, record_training_stage, trainer_stage_record
 
 
@@ -158,6 +158,8 @@ class UniMETrainerBase(Trainer):
         self._checkpoint_staging_dir = None
         self._loss_check_position = (None, 0)  # (global step, micro-batches seen in that step)
         self._stage_to_record = None
+        if args.matryoshka_dims:  # the trained prefix sizes travel with the model (encode, exports, card)
+            record_matryoshka_dims(self.unime_model(), args.matryoshka_dims)
 
     def record_stats(self, stats):
         """Accumulate scalar statistics (e.g. mean positive similarity) until the next log."""
