@@ -14,6 +14,7 @@ from .prompts import SUPPORTED_BACKBONES
 # JSON files transformers or UniME read from a checkpoint folder; each must hold one JSON object.
 JSON_FILES = (
     "config.json",
+    "adapter_config.json",
     "processor_config.json",
     "preprocessor_config.json",
     "tokenizer.json",

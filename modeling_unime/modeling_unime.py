@@ -7,9 +7,15 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from .adapter_checkpoint import BASE_RECORD_KEY, adapter_checkpoint_folder, resolve_adapter_base
 from .atomic import atomic_directory
 from .bundle import write_bundle
-from .checkpoint_files import check_backbone_checkpoint, check_unime_checkpoint
+from .checkpoint_files import (
+    check_backbone_checkpoint,
+    check_json_files,
+    check_safetensors_files,
+    check_unime_checkpoint,
+)
 from .configuration_unime import UniMEConfig
 from .encoding import EncodeMixin
 from .hub import pop_push_kwargs, push_checkpoint, push_model_to_hub
@@ -190,9 +196,20 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         return save_for_serving(self, save_directory, processor=processor, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model_name_or_path=None, **kwargs):
         """`PreTrainedModel.from_pretrained` that loads safetensors only unless `use_safetensors=False`,
-        and raises `ValueError` instead of randomly initialising weights missing from the checkpoint."""
+        and raises `ValueError` instead of randomly initialising weights missing from the checkpoint.
+
+        A LoRA checkpoint written during training (`<output_dir>/checkpoint-N`) loads its base model, found
+        from any directory or machine (see `adapter_checkpoint.py`), with the adapters on it (not merged);
+        `base_model_name_or_path` says where that base model is when it has moved elsewhere.
+        """
+        adapter_folder = adapter_checkpoint_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        if adapter_folder is not None:
+            return cls._from_adapter_checkpoint(adapter_folder, base_model_name_or_path, *model_args, **kwargs)
+        if base_model_name_or_path is not None:
+            raise ValueError(f"base_model_name_or_path is for LoRA checkpoints; {str(pretrained_model_name_or_path)!r} "
+                             "is not one (it has no adapter_config.json with a UniME config.json)")
         check_unime_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder"))
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
@@ -215,6 +232,22 @@ class UniMEModel(EncodeMixin, UniMEPreTrainedModel):
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder",
                                              "force_download", "proxies") if kwargs.get(k) is not None}
         model.__dict__["_processor_source"] = (str(pretrained_model_name_or_path), hub_kwargs)
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _from_adapter_checkpoint(cls, folder, base_model_name_or_path, *model_args, **kwargs):
+        check_json_files(folder)
+        check_safetensors_files(folder)
+        base = resolve_adapter_base(folder, base_model_name_or_path)
+        if getattr(kwargs.get("config"), BASE_RECORD_KEY, None) is not None:
+            del kwargs["config"]  # the checkpoint's copy, passed by AutoModel: the base model reads its own
+        adapter_kwargs = {key: value for key, value in (kwargs.pop("adapter_kwargs", None) or {}).items()
+                          if key != "_adapter_model_path" and value is not None}
+        kwargs.pop("subfolder", None)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = cls.from_pretrained(base, *model_args, output_loading_info=True, **kwargs)
+        model.load_adapter(str(folder), adapter_kwargs=adapter_kwargs)
+        model.__dict__["_processor_source"] = (str(folder), {})  # the Trainer saved the processor with the adapters
         return (model, info) if want_info else model
 
     @classmethod

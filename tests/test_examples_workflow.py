@@ -9,6 +9,7 @@ mapping) -> kill + resume -> evaluate (evaluate.py, from an intermediate checkpo
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,13 +37,25 @@ def script_env(**extra):
     return env
 
 
-def run(command, cwd, env=None, check=True, timeout=600):
-    completed = subprocess.run([PYTHON, *map(str, command)], cwd=cwd, env=env or script_env(),
+def run(command, cwd, env=None, check=True, timeout=600, umask=0o022):
+    completed = subprocess.run([PYTHON, *map(str, command)], cwd=cwd, env=env or script_env(), umask=umask,
                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
     console = completed.stdout + completed.stderr
     if check:
         assert completed.returncode == 0, console[-4000:]
     return completed.returncode, console
+
+
+def modes(tree):
+    """`{relative path: permission bits}` of `tree` and everything under it (item 3)."""
+    return {str(path.relative_to(tree)): path.stat().st_mode & 0o777 for path in [tree, *tree.rglob("*")]}
+
+
+def assert_readable_by_others(tree, directories=0o755, files=0o644):
+    """Every folder under `tree` has mode `directories` and every file `files` (what umask 022 allows)."""
+    wrong = {name: oct(mode) for name, mode in modes(tree).items()
+             if mode != (directories if (tree / name).is_dir() else files)}
+    assert not wrong, wrong
 
 
 def losses(console):
@@ -97,6 +110,9 @@ def test_stage1_console_is_clean_and_its_card_records_the_stage(user):
     card = (user / "s1" / "merged" / "README.md").read_text()
     assert "records no UniME training" not in card and "not recorded" not in card
     assert "- **Backbone:** tiny:qwen2_vl" in card and "- **Optimizer steps:** 2" in card
+    # Item 3: adapters, merged model and teacher cache are readable by others (the run had umask 022).
+    assert {"merged", "cache.safetensors", "adapter_model.safetensors", "merged/model.safetensors"} <= set(modes(user / "s1"))
+    assert_readable_by_others(user / "s1")
 
 
 @pytest.mark.parametrize("gradcache, workers", [("4", "2"), (None, "1")])
@@ -149,6 +165,30 @@ def test_killed_stage2_resumes_bit_identically_and_checkpoints_load_from_anywher
                                                                              tmp_path),
                         "--retrieval", retrieval, "--image-root", user / "photos", "--output-dir", "eval"], tmp_path)
     assert "t2i_R@1" in evaluated and (tmp_path / "eval" / "results.json").is_file()
+    # Item 3: checkpoints (optimizer state included), merged model and results are readable by others.
+    assert {"checkpoint-2/optimizer.pt", "checkpoint-6/adapter_model.safetensors"} <= set(modes(user / "whole"))
+    assert_readable_by_others(user / "whole")
+    assert_readable_by_others(tmp_path / "eval")
+
+    # Item 6 on another machine: the run and its base copied elsewhere, the original base gone.
+    machine = tmp_path / "machine2"
+    shutil.copytree(user / "s1" / "merged", machine / "s1" / "merged")
+    shutil.copytree(user / "whole" / "checkpoint-2", machine / "whole" / "checkpoint-2")
+    command = [EXAMPLES / "evaluate.py", "--model", machine / "whole" / "checkpoint-2", "--retrieval", retrieval,
+               "--image-root", user / "photos", "--output-dir", "eval2"]
+    (user / "s1").rename(user / "s1.moved")
+    try:
+        _, moved = run(command, tmp_path)
+        shutil.rmtree(machine / "s1")
+        code, missing = run(command, tmp_path, check=False)
+    finally:
+        (user / "s1.moved").rename(user / "s1")
+    assert json.loads((tmp_path / "eval2" / "results.json").read_text()) == \
+        json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert code != 0 and (
+        f"FileNotFoundError: the LoRA checkpoint '{machine}/whole/checkpoint-2' holds adapters for the base model "
+        f"saved at '{user}/s1/merged', which is no longer there nor at '{machine}/s1/merged' (the same place "
+        "relative to the checkpoint); copy the base model there, or pass base_model_name_or_path=") in missing
 
 
 def test_stage2_card_push_once_then_evaluate_push_and_reload(user, tmp_path):
@@ -212,9 +252,11 @@ def test_yaml_paths_are_relative_to_the_yaml_and_the_tiny_configs_chain(user, tm
 
 
 def test_teacher_cli_defaults_to_the_bundled_minilm_offline(user, tmp_path):
-    """Item 8: the README's teacher command, without --teacher, offline."""
+    """Item 8: the README's teacher command, without --teacher, offline; item 3: under umask 027 its cache
+    gets what that umask allows (640)."""
     _, console = run(["-m", "training.teacher", "--data", user / "sentences.csv", "--columns", "anchor", "positive",
-                      "--output", "cache.safetensors"], tmp_path)
+                      "--output", "cache.safetensors"], tmp_path, umask=0o027)
+    assert modes(tmp_path)["cache.safetensors"] == 0o640
     from training.teacher_cache import load_teacher_cache, read_cache_metadata
 
     cache = load_teacher_cache(tmp_path / "cache.safetensors")
@@ -232,3 +274,23 @@ def test_single_file_is_named_as_a_file_and_a_missing_mapped_column_is_named(use
     code, console = run(stage2(user, "bad", "--max_steps", "1", "--query_text_column", "note"), user, check=False)
     assert code != 0
     assert "ValueError: MMEB record (file 'pairs.csv', row 0): 'qry' and 'qry_image_path' are both empty" in console
+
+
+def test_a_model_saved_with_the_old_max_length_name_trains_and_saves(user, tmp_path):
+    """Item 10: a stage-1 model whose config.json still spells `max_length` (written before the rename; transformers
+    treats that name as a generation parameter and refused to save it) trains through train_stage2.py, and the
+    merged model is saved with the value under `max_sequence_tokens`."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(user / "s1" / "merged", legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    assert "max_length" not in config
+    config["max_length"] = 48
+    config.pop("max_sequence_tokens", None)
+    (legacy / "config.json").write_text(json.dumps(config))
+    command = stage2(user, tmp_path / "out", "--max_steps", "1")
+    command[command.index("--stage1_model") + 1] = legacy
+    _, console = run(command, user)
+    saved = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
+    assert saved["max_sequence_tokens"] == 48 and "max_length" not in saved, console[-2000:]
+    assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
+    assert not [noise for noise in NOISE if noise in console], console

@@ -1,12 +1,18 @@
 """LoRA on a UniME model (peft) and saving the merged model as a standalone UniME checkpoint."""
 
+import copy
 import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from transformers.dynamic_module_utils import custom_object_save
+
+from modeling_unime.adapter_checkpoint import BASE_RECORD_KEY, base_model_record
 from modeling_unime.atomic import atomic_directory
+from modeling_unime.bundle import write_bundle
+from modeling_unime.sentence_transformers_module import write_sentence_transformers_files
 
 # Linear layers of the Qwen2 / Llama / Mistral decoder blocks every supported backbone uses.
 LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -142,3 +148,25 @@ def save_merged_model(model, processor, output_dir, safe_serialization=True, ful
             processor.save_pretrained(directory)
 
     return save_atomically(write, output_dir)
+
+
+def write_adapter_checkpoint_config(peft_model, directory, final_directory=None):
+    """Add the UniME `config.json` (with the base-model record), code and sentence-transformers files to a
+    folder where `peft_model.save_pretrained` wrote LoRA adapters, so that the folder loads with
+    `AutoModel.from_pretrained(folder, trust_remote_code=True)` from any directory or machine (see
+    `modeling_unime/adapter_checkpoint.py`).
+
+    Args:
+        peft_model (`PeftModel`): the LoRA-wrapped UniME model whose adapters are in `directory`.
+        directory (`str` or `os.PathLike`): the folder being written.
+        final_directory (`str` or `os.PathLike`, *optional*): where the folder will live once published,
+            if it is being written elsewhere first (the relative path to the base is taken from there).
+    """
+    unime = unwrap_unime(peft_model)
+    base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+    config = copy.deepcopy(unime.config)
+    setattr(config, BASE_RECORD_KEY, base_model_record(base, final_directory or directory))
+    custom_object_save(unime, directory, config=config)
+    config.save_pretrained(directory)
+    write_sentence_transformers_files(directory, config)
+    write_bundle(directory)

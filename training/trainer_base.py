@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftModel
 from transformers import Trainer, TrainingArguments, enable_full_determinism, set_seed
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
@@ -26,6 +27,7 @@ from .lora import (
     add_lora,
     save_merged_model,
     unwrap_unime,
+    write_adapter_checkpoint_config,
 )
 from .losses import check_matryoshka, record_matryoshka_dims
 from .publishing import push_merged_model, record_training_stage, trainer_stage_record
@@ -232,6 +234,21 @@ class UniMETrainerBase(Trainer):
         publish_directory(os.path.join(staging, name), os.path.join(run_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """`Trainer._save`, plus the UniME config and code next to LoRA adapters, so that a checkpoint (or the
+        adapters `save_model` writes) loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`
+        on its base model, found from any directory or machine (see `write_adapter_checkpoint_config`)."""
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.args.should_save or not isinstance(model, PeftModel):
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        final_dir = output_dir
+        staging = self._checkpoint_staging_dir
+        if staging is not None and os.path.dirname(os.path.abspath(output_dir)) == os.path.abspath(staging):
+            final_dir = os.path.join(os.path.dirname(os.path.abspath(staging)), os.path.basename(output_dir))
+        write_adapter_checkpoint_config(model, output_dir, final_dir)
 
     def _get_output_dir(self, trial):
         if self._checkpoint_staging_dir is not None:
