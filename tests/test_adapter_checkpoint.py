@@ -92,5 +92,10 @@ def test_lora_checkpoint_of_a_hub_model_loads_with_automodel(fake_hub, tmp_path)
     expected = merged.encode(texts, processor=processor)
     assert not torch.allclose(expected, model.encode(texts, processor=processor), atol=1e-3)  # the adapters matter
     torch.testing.assert_close(loaded.encode(texts), expected, atol=1e-5, rtol=0)  # its own processor, from the folder
+    model.save_pretrained(tmp_path / "copy-of-base")  # the base model kept elsewhere, named by the user
+    elsewhere = AutoModel.from_pretrained(str(tmp_path / "adapters"), trust_remote_code=True,
+                                          base_model_name_or_path=str(tmp_path / "copy-of-base"))
+    assert elsewhere.name_or_path == str(tmp_path / "copy-of-base")
+    torch.testing.assert_close(elsewhere.encode(texts), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="base_model_name_or_path is for LoRA checkpoints"):
         AutoModel.from_pretrained("user/base", trust_remote_code=True, base_model_name_or_path="x")
