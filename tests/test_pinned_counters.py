@@ -113,8 +113,9 @@ def run_stage2(pairs, tmp_path, logging_steps, chunk=None, accumulation=1, epoch
 
 
 def assert_log_is_window_mean(log, window):
-    """Each logged statistic is the mean of its per-batch values over the batches since the last log."""
-    assert log["skipped_pairs"] == pytest.approx(sum(skipped for skipped, _ in window) / len(window), abs=1e-6)
+    """Each logged statistic is the mean of its per-batch values over the batches since the last log; the
+    skipped pairs are their total over those batches."""
+    assert log["skipped_pairs"] == sum(skipped for skipped, _ in window)
     for key in window[0][1]:
         values = [stats[key] for _, stats in window if stats[key] == stats[key]]  # NaN rows are not logged
         assert log[key] == pytest.approx(sum(values) / len(values), abs=2e-6), key
@@ -138,8 +139,9 @@ def test_a_log_every_few_steps_averages_those_steps(pairs, expected_per_batch, t
     assert [log["step"] for log in logs] == [2, 4, 6]
     for index, log in enumerate(logs):
         assert_log_is_window_mean(log, per_step[2 * index:2 * index + 2])
-    # The log is a per-batch mean: times the batches it covers, it sums to the trainer's running total.
-    assert sum(log["skipped_pairs"] * 2 for log in logs) == pytest.approx(trainer.num_skipped_pairs) == 6
+    # Each log counts the pairs skipped in the batches it covers: together they are the trainer's total.
+    assert [log["skipped_pairs"] for log in logs] == [1, 3, 2]
+    assert sum(log["skipped_pairs"] for log in logs) == trainer.num_skipped_pairs == 6
 
 
 def test_gradient_accumulation_logs_the_mean_over_micro_batches(pairs, expected_per_batch, tmp_path):

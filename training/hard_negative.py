@@ -99,7 +99,8 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
 
     The loss statistics (`mean_positive_similarity`, `mean_hard_negative_similarity`,
     `false_negative_fraction`, `rows_with_false_negatives_fraction` - the paper's FalseNeg% -,
-    `rows_short_of_k`, `rows_without_negatives`) and `skipped_pairs` are logged at every logging step.
+    `rows_short_of_k`, `rows_without_negatives`; means over the micro-batches since the last log) and
+    `skipped_pairs` (their total since the last log) are logged at every logging step.
 
     Multi-process note: without GradCache, queries and targets are two forwards before one
     backward. That is fine under DDP as long as both forwards use the same trainable parameters,
@@ -188,7 +189,7 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
             return
         skipped = int(inputs["num_skipped"])
         self.num_skipped_pairs += skipped
-        self.record_stats({"skipped_pairs": skipped})
+        self.record_totals({"skipped_pairs": skipped})
 
 
 def _embed_all(model, batch) -> torch.Tensor:

@@ -157,6 +157,7 @@ class UniMETrainerBase(Trainer):
         self.processor = processor
         self._stats_sums = defaultdict(float)
         self._stats_counts = defaultdict(int)
+        self._totals = defaultdict(int)
         self._checkpoint_staging_dir = None
         self._loss_check_position = (None, 0)  # (global step, micro-batches seen in that step)
         self._stage_to_record = None
@@ -171,12 +172,19 @@ class UniMETrainerBase(Trainer):
                 self._stats_sums[key] += value
                 self._stats_counts[key] += 1
 
+    def record_totals(self, counts):
+        """Accumulate counts (e.g. pairs skipped) until the next log, which shows their sum, not a mean."""
+        for key, value in counts.items():
+            self._totals[key] += int(value)
+
     def log(self, logs, start_time=None):
-        if self._stats_counts and "loss" in logs:
+        if (self._stats_counts or self._totals) and "loss" in logs:
             for key, total in self._stats_sums.items():
                 logs[key] = round(total / self._stats_counts[key], 6)
+            logs.update(self._totals)
             self._stats_sums.clear()
             self._stats_counts.clear()
+            self._totals.clear()
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
