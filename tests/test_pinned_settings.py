@@ -206,8 +206,12 @@ def test_lora_rank_alpha_targets_and_scope_reach_the_model(tmp_path):
     model, processor = tiny_unime("llava")  # a CLIP tower with its own q_proj / v_proj
     names = [name for name, _ in model.named_modules()]
     language = sorted(n for n in names if ".language_model." in f".{n}" and n.rsplit(".", 1)[-1] in ("q_proj", "v_proj"))
-    everywhere = sorted(n for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "v_proj"))
-    assert len(everywhere) > len(language) == 4  # 2 decoder layers x (q, v)
+    # scope "all": the named layers of the language model, and every linear layer of the CLIP tower and projector.
+    vision = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".language_model." not in f".{n}")
+    everywhere = sorted(language + vision)
+    assert len(language) == 4  # 2 decoder layers x (q, v)
+    assert {n.rsplit(".", 1)[-1] for n in vision} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+                                                       "linear_1", "linear_2"}
 
     args = HardNegativeConfig(output_dir=str(tmp_path), lora_rank=4, lora_alpha=12, lora_dropout=0.0,
                               lora_target_modules=["q_proj", "v_proj"], **COMMON)
@@ -306,3 +310,20 @@ def test_encode_instruction_and_prompt_style_reach_the_prompt():
                                expected[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model.encode("a dog", processor=processor, prompt_style="instruction"),
                                expected[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, vision_layers", [
+    ("qwen2_vl", {"qkv", "proj", "fc1", "fc2", "0", "2"}),        # Qwen2-VL tower and merger MLP
+    ("qwen2_5_vl", {"qkv", "proj", "gate_proj", "up_proj", "down_proj", "0", "2"}),
+])
+def test_lora_scope_all_reaches_the_qwen_vision_towers(family, vision_layers):
+    """Qwen vision towers name their layers `qkv`, `proj`, `fc1`...: scope "all" adapts them too (it used to
+    match only names shared with the language model, which no Qwen tower layer has)."""
+    model, _ = tiny_unime(family)
+    peft_model = add_lora(model, rank=2, target_modules=("q_proj",), scope="all")
+    adapted = adapted_layers(peft_model)
+    visual = [name for name in adapted if name.startswith("backbone.visual.")]
+    assert {name.rsplit(".", 1)[-1] for name in visual} == vision_layers
+    assert not [name for name in visual if "patch_embed" in name]  # a Conv3d, left as it is
+    language = [name for name in adapted if not name.startswith("backbone.visual.")]
+    assert language and all(".language_model." in name and name.endswith(".q_proj") for name in language)

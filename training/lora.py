@@ -19,17 +19,26 @@ LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 LORA_SCOPES = ("language_model", "all")
 
 
-def lora_target_regex(target_modules=LANGUAGE_MODEL_LINEAR_LAYERS, scope="language_model"):
-    """peft `target_modules` regex: the named linear layers, inside the language model only by default.
+def lora_targets(model, target_modules=LANGUAGE_MODEL_LINEAR_LAYERS, scope="language_model"):
+    """What peft's `target_modules` gets for `scope`.
 
-    `scope="all"` also adapts same-named layers elsewhere (e.g. the CLIP/SigLIP tower of LLaVA),
-    the paper's stage-2 "all parameters within the MLLM" reading.
+    `"language_model"`: the linear layers named in `target_modules` inside the language model (a regex).
+    `"all"` (the paper's stage-2 "all parameters within the MLLM" reading): those, plus every linear layer
+    of the vision tower and projector, whose names differ by family (CLIP/SigLIP `q_proj`..`fc2`, Qwen
+    `qkv`, `proj`, `fc1`/`linear_fc1`, mergers and projectors): a list of full module names.
     """
     if scope not in LORA_SCOPES:
         raise ValueError(f"lora scope {scope!r}; expected one of {LORA_SCOPES}")
-    names = "|".join(target_modules)
-    prefix = r".*\.language_model\..*" if scope == "language_model" else r".*"
-    return rf"{prefix}\.({names})"
+    if scope == "language_model":
+        return rf".*\.language_model\..*\.({'|'.join(target_modules)})"
+    names = []
+    for name, module in model.named_modules():
+        in_language_model = ".language_model." in f".{name}."
+        if isinstance(module, torch.nn.Linear) and (
+            not in_language_model or name.rsplit(".", 1)[-1] in target_modules
+        ):
+            names.append(name)
+    return names
 
 
 def add_lora(model, rank=16, alpha=None, dropout=0.05, target_modules=LANGUAGE_MODEL_LINEAR_LAYERS,
@@ -52,7 +61,7 @@ def add_lora(model, rank=16, alpha=None, dropout=0.05, target_modules=LANGUAGE_M
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
         lora_dropout=dropout,
-        target_modules=lora_target_regex(target_modules, scope),
+        target_modules=lora_targets(model, target_modules, scope),
         bias="none",
     )
     with warnings.catch_warnings():

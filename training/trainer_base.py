@@ -75,7 +75,7 @@ class UniMETrainingConfig(TrainingArguments):
     )
     lora_scope: str = field(
         default="language_model",
-        metadata={"help": "'language_model' (adapt the LLM only) or 'all' (same-named layers everywhere)."},
+        metadata={"help": "'language_model' (adapt the LLM only) or 'all' (also every linear layer of the vision tower and projector)."},
     )
     save_merged_model: bool = field(
         default=True,
