@@ -88,9 +88,12 @@ def take_gradients(model):
 def set_checkpointing(model, on):
     unime = unwrap_unime(model)
     if on:
-        unime.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(unime, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+            unime.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            unime.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        unime.gradient_checkpointing_disable()
+        (getattr(unime, "activation_checkpointing_disable", None) or unime.gradient_checkpointing_disable)()
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next"])
