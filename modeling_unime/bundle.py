@@ -177,6 +177,12 @@ def write_bundle(directory):
         modules_file.write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
 
 
+def replaced_code_files():
+    """Names of the files a save's bundle replaces: an older checkpoint layout shipped the modules one by one,
+    and a save over such a folder drops them (atomic.atomic_directory's `replaced`)."""
+    return tuple(f"{name}.py" for name in _bundled_module_names(bundle_text()))
+
+
 def _bundled_module_names(text):
     """Module names a bundle holds, read from its `# ---- name.py ----` section lines."""
     prefix, suffix = "# ---- ", ".py ----"

@@ -9,7 +9,7 @@ from transformers.utils import ModelOutput, logging
 
 from .adapter_checkpoint import BASE_RECORD_KEY, adapter_checkpoint_folder, resolve_adapter_base
 from .atomic import atomic_directory
-from .bundle import write_bundle
+from .bundle import replaced_code_files, write_bundle
 from .checkpoint_files import (
     check_backbone_checkpoint,
     check_json_files,
@@ -91,7 +91,8 @@ class UniMEPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, is_main_process=False, **kwargs)
         # Atomic (modeling_unime/atomic.py): a failed save leaves the folder as it was; files of the folder
         # this save does not write (the processor's) are kept, old weight files are not.
-        with atomic_directory(save_directory, keep_existing=True, replaced=WEIGHT_FILES, seed=("README.md",)) as staging:
+        replaced = WEIGHT_FILES + replaced_code_files()  # the bundle written below replaces older code files
+        with atomic_directory(save_directory, keep_existing=True, replaced=replaced, seed=("README.md",)) as staging:
             super().save_pretrained(staging, is_main_process=True, **kwargs)
             write_model_card(self.config, staging)
             write_sentence_transformers_files(staging, self.config)

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, ProcessorMixin
 from transformers.utils import cached_file, is_torchvision_available
 
 from .atomic import atomic_directory
-from .bundle import write_bundle
+from .bundle import replaced_code_files, write_bundle
 from .checkpoint_files import check_processor_folder
 from .inputs import check_text, load_image
 from .prompts import (
@@ -232,7 +232,8 @@ class UniMEProcessor(ProcessorMixin):
         as it was. Other files of the folder (the model's) are kept; old processor files are not."""
         if push_to_hub:
             return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
-        with atomic_directory(save_directory, keep_existing=True, replaced=PROCESSOR_FILES) as staging:
+        replaced = PROCESSOR_FILES + replaced_code_files()  # the bundle written below replaces older code files
+        with atomic_directory(save_directory, keep_existing=True, replaced=replaced) as staging:
             written = super().save_pretrained(staging, **kwargs)
             write_bundle(staging)  # the same single code file the model's save writes (bundle.py)
         return [os.path.join(save_directory, os.path.relpath(path, staging)) for path in written]

@@ -76,3 +76,20 @@ def test_resaving_a_remote_code_model_copies_the_bundle_unchanged(tmp_path):
     assert json.loads((again / "modules.json").read_text())[0]["type"] == "modeling_unime.UniMESentenceTransformer"
     reloaded = type(model).from_pretrained(again)
     assert torch.equal(reloaded.encode(["a dog"], processor=processor), model.encode(["a dog"], processor=processor))
+
+
+def test_saving_over_the_old_one_file_per_module_layout_drops_those_files(tmp_path):
+    """Checkpoints written before the bundle shipped each module as its own file; a save over such a folder
+    leaves only the bundle (its own files, like the user's notes, stay)."""
+    model, processor = tiny_unime("qwen2_vl")
+    folder = tmp_path / "old-layout"
+    folder.mkdir()
+    for name in ("configuration_unime.py", "processing_unime.py", "prompts.py", "encoding.py",
+                 "sentence_transformers_module.py", "notes.txt"):
+        (folder / name).write_text("# written by an older unime\n")
+    model.save_pretrained(folder)
+    assert sorted(name for name in os.listdir(folder) if name.endswith(".py")) == ["modeling_unime.py"]
+    (folder / "prompts.py").write_text("# written by an older unime\n")
+    processor.save_pretrained(folder)
+    assert sorted(name for name in os.listdir(folder) if name.endswith((".py", ".txt"))) == [
+        "modeling_unime.py", "notes.txt"]
