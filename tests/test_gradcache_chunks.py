@@ -85,3 +85,45 @@ def test_budget_arguments_are_checked():
         MMEBCollator(None, chunk_size=2, max_tokens_per_chunk=0)
     with pytest.raises(ValueError, match="gradcache_max_tokens bounds GradCache chunks: set gradcache_chunk_size"):
         HardNegativeConfig("out", gradcache_max_tokens=100, report_to="none")
+
+
+@pytest.mark.parametrize("scope", ["language_model", "all"])
+def test_images_reach_the_device_one_chunk_at_a_time(setup, scope):
+    """`prepare` (the Trainer's move to the device; here a copy we can watch) gets one chunk at a time: when it
+    is called, no earlier chunk's moved pixels are still alive, with the vision tower frozen (its features
+    are cached and the pixels dropped) or trained (the chunk is moved again at each pass). Gradients are
+    those of the chunks used where they are."""
+    import weakref
+
+    rows, root, _, processor = setup
+    chunked = MMEBCollator(processor, image_root=root, image_size=56, chunk_size=2)(rows)
+
+    def loss_fn(query, target):
+        return hard_negative_infonce_loss(query, target, temperature=0.05, num_hard_negatives=3)
+
+    def gradients(prepare):
+        torch.manual_seed(0)
+        model = add_lora(tiny_unime("qwen2_vl")[0], rank=4, alpha=8, dropout=0.0, scope=scope).train()
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+        gradcache_step(model, chunked["query"], chunked["target"], loss_fn, prepare=prepare)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    moved_pixels, alive_at_call = [], []
+
+    def prepare(chunk):
+        alive_at_call.append(sum(ref() is not None for ref in moved_pixels))
+        moved = {key: value.clone() if torch.is_tensor(value) else value for key, value in chunk.items()}
+        if "pixel_values" in moved:
+            moved_pixels.append(weakref.ref(moved["pixel_values"]))
+        return moved
+
+    watched = gradients(prepare)
+    image_chunks = len(chunked["query"])  # every query has an image, no target has one
+    assert len(moved_pixels) == image_chunks * (1 if scope == "language_model" else 3)
+    assert max(alive_at_call) == 0
+    reference = gradients(None)
+    assert watched.keys() == reference.keys()
+    for name, gradient in reference.items():
+        assert torch.equal(watched[name], gradient), name

@@ -81,19 +81,39 @@ def chunk_rows(chunk: Mapping) -> int:
     return int(chunk["input_ids"].shape[0])
 
 
-def embed_no_grad(model, chunks: Sequence[Mapping]) -> tuple[torch.Tensor, list[RandContext]]:
+def embed_no_grad(model, chunks: Sequence[Mapping], prepare: Callable[[Mapping], Mapping] | None = None
+                  ) -> tuple[torch.Tensor, list[RandContext]]:
     """Pass 1: embed every chunk without autograd.
+
+    Args:
+        prepare: `chunk -> chunk` on the model's device, called just before the chunk's forward (so
+            one chunk's inputs at a time are there); default: chunks are used as given.
 
     Returns:
         `(embeddings, rand_states)`: `[N, D]` embeddings of all chunks in order, and one
         `RandContext` per chunk holding the RNG state its forward started from.
     """
+    prepare = prepare or _as_given
     embeddings, rand_states = [], []
     for chunk in chunks:
+        chunk = prepare(chunk)
         rand_states.append(RandContext(*[value for value in chunk.values() if torch.is_tensor(value)]))
         with torch.no_grad():
             embeddings.append(embed(model, chunk))
     return torch.cat(embeddings), rand_states
+
+
+def _as_given(chunk: Mapping) -> Mapping:
+    return chunk
+
+
+def cache_image_features(model, chunk: Mapping, prepare: Callable[[Mapping], Mapping] | None = None) -> Mapping:
+    """What GradCache keeps of a chunk for its two passes: the chunk on the model's device with its frozen
+    vision tower's features in place of the pixels (`with_image_features`), computed once; or, when the
+    vision tower trains, the chunk as given, moved by `prepare` again at each pass, so that the pixels of
+    one chunk at a time are on the device."""
+    prepared = with_image_features(model, (prepare or _as_given)(chunk))
+    return chunk if prepared.get("pixel_values") is not None else prepared
 
 
 def embedding_gradients(
@@ -131,6 +151,7 @@ def backward_chunks(
     rand_states: Sequence[RandContext],
     backward: Callable[[torch.Tensor], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    prepare: Callable[[Mapping], Mapping] | None = None,
 ) -> None:
     """Pass 2: re-embed each chunk with autograd under its RNG state and backprop its cached gradient.
 
@@ -139,13 +160,15 @@ def backward_chunks(
         backward: `surrogate -> None`; default `surrogate.backward()`. The trainer passes
             `accelerator.backward` (mixed-precision loss scaling, DeepSpeed).
         no_sync: context-manager factory wrapping every chunk but the last (DDP `no_sync`).
+        prepare: see `embed_no_grad`.
     """
     backward = backward or torch.Tensor.backward
+    prepare = prepare or _as_given
     for index, (chunk, gradient, rand_state) in enumerate(zip(chunks, gradients, rand_states, strict=True)):
         is_last = index == len(chunks) - 1
         with contextlib.nullcontext() if is_last or no_sync is None else no_sync():
             with rand_state:
-                embeddings = embed(model, chunk)
+                embeddings = embed(model, prepare(chunk))
             # d(surrogate)/d(embeddings) is the cached gradient, so this backward sends exactly it
             # into the parameters.
             surrogate = torch.sum(embeddings * gradient.to(embeddings.dtype))
@@ -160,6 +183,7 @@ def gradcache_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     loss_scale: float = 1.0,
+    prepare: Callable[[Mapping], Mapping] | None = None,
 ) -> tuple[torch.Tensor, object]:
     """One GradCache forward/backward over a contrastive batch given as processor-batch chunks.
 
@@ -168,21 +192,31 @@ def gradcache_step(
     chunks may have different sizes. `loss_fn` is any `(Q [B, D], T [B, D]) -> (loss, aux)`
     (e.g. a Matryoshka sum over prefix dimensions); nothing here depends on its form.
 
+    `prepare` (`chunk -> chunk`, e.g. the Trainer's move to the device) is applied to one chunk at a time,
+    just before it is used, so that the device holds the pixels of one chunk, not of the whole batch
+    (`cache_image_features`); without it, chunks are used where they are.
+
     Returns:
         `(loss, aux)`: the detached, unscaled loss and `loss_fn`'s aux output (e.g. stats).
     """
     if not query_chunks or not target_chunks:
         raise ValueError("gradcache_step needs at least one query chunk and one target chunk")
     # The frozen vision tower's output is the same in both passes: compute it once per chunk.
-    query_chunks = [with_image_features(model, chunk) for chunk in query_chunks]
-    target_chunks = [with_image_features(model, chunk) for chunk in target_chunks]
-    query, query_states = embed_no_grad(model, query_chunks)
-    target, target_states = embed_no_grad(model, target_chunks)
+    query_chunks = [cache_image_features(model, chunk, prepare) for chunk in query_chunks]
+    target_chunks = [cache_image_features(model, chunk, prepare) for chunk in target_chunks]
+    if prepare is not None:  # chunks holding cached features are on the device already
+        prepare = _unless_cached(prepare)
+    query, query_states = embed_no_grad(model, query_chunks, prepare)
+    target, target_states = embed_no_grad(model, target_chunks, prepare)
     if query.shape[0] != target.shape[0]:
         raise ValueError(f"{query.shape[0]} queries but {target.shape[0]} targets; they must pair up row by row")
     loss, aux, query_grad, target_grad = embedding_gradients(loss_fn, query, target, loss_scale)
     gradients = [*query_grad.split([chunk_rows(c) for c in query_chunks]),
                  *target_grad.split([chunk_rows(c) for c in target_chunks])]
     backward_chunks(model, [*query_chunks, *target_chunks], gradients, [*query_states, *target_states],
-                    backward, no_sync)
+                    backward, no_sync, prepare)
     return loss, aux
+
+
+def _unless_cached(prepare: Callable[[Mapping], Mapping]) -> Callable[[Mapping], Mapping]:
+    return lambda chunk: chunk if chunk.get("mm_encoder_outputs") is not None else prepare(chunk)

@@ -157,10 +157,10 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
         self._count_skipped(inputs, training=True)
         # Trainer divides each micro-batch's loss by the accumulation steps before backward.
         scale = 1.0 / self.current_gradient_accumulation_steps
+        # Chunks go to the device one at a time (gradcache_step), not the whole batch's images at once.
         loss, stats = gradcache_step(
             model,
             _as_chunks(inputs["query"], "query"),
@@ -169,6 +169,7 @@ class UniMEHardNegativeTrainer(UniMETrainerBase):
             backward=self._backward,
             no_sync=lambda: _no_gradient_sync(self.accelerator, model),
             loss_scale=scale,
+            prepare=self._prepare_input,
         )
         self.record_stats(stats.to_dict())
         return self.check_finite_loss((loss * scale).detach())
