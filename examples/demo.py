@@ -37,7 +37,7 @@ from training.demo.report import (
 )
 from training.lora import save_merged_model
 
-QUICK = dict(num_train_scenes=400, num_eval_scenes=60, stage1_steps=10, stage2_steps=300, stage1_batch_size=16,
+QUICK = dict(num_train_scenes=400, num_eval_scenes=60, stage1_steps=10, stage2_steps=200, stage1_batch_size=16,
              stage2_batch_size=32, gradcache_chunk_size=16, stage2_learning_rate=3e-4)
 NOTE = ("The demo model is tiny and trained from random weights: it validates the method and the code "
         "(each stage must improve held-out metrics), not the paper's absolute numbers.")
